@@ -1,0 +1,35 @@
+# Two entry points (README.md): `make demo` runs the main job, `make test` runs the suite.
+# Both create .venv and install everything on a fresh machine.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
+
+.PHONY: demo test install install-dev system-deps bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e '.[dev]'
+	touch $(VENV)/.installed $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(BIN)/avatar-render --portrait assets/portrait.png --audio assets/speech.wav -o out/demo.mp4
+	$(BIN)/avatar-eval out/demo.mp4 --audio assets/speech.wav --phones assets/speech.phone.json --plot out/demo-quality.png
+
+test: install-dev
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/animator_fps.py
+
+clean:
+	rm -rf $(VENV) out
