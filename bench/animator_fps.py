@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model.animator import CpuAnimator  # noqa: E402
-from model.base import AudioWindow, MotionSettings, frame_start_sample  # noqa: E402
+from model.base import MotionSettings, clip_windows  # noqa: E402
 from model.portrait import load_portrait  # noqa: E402
 
 SPEECH = [
@@ -45,28 +45,6 @@ def read_wav(path: Path) -> np.ndarray:
         return np.frombuffer(wav.readframes(wav.getnframes()), np.int16).astype(np.float32) / 32768.0
 
 
-def windows(generator: CpuAnimator, audio: np.ndarray):
-    """AudioWindows covering ``audio`` as the engine builds them (zeros outside it)."""
-    fps = generator.fps
-    total = int(len(audio) * fps / 16000)
-    for first in range(0, total, generator.window_frames):
-        count = min(generator.window_frames, total - first)
-        start = frame_start_sample(first - generator.context_frames, fps)
-        stop = frame_start_sample(first + count + generator.lookahead_frames, fps)
-        chunk = np.zeros(stop - start, np.float32)
-        lo, hi = max(0, start), min(len(audio), stop)
-        chunk[lo - start : hi - start] = audio[lo:hi]
-        yield AudioWindow(
-            audio=chunk,
-            first_frame=first,
-            num_frames=count,
-            fps=fps,
-            context_before=frame_start_sample(first, fps) - start,
-            context_after=stop - frame_start_sample(first + count, fps),
-            speech=np.ones(count, bool),
-        )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--portrait", default=str(ROOT / "assets" / "portrait.png"))
@@ -81,7 +59,7 @@ def main() -> None:
     prepare_s = time.perf_counter() - started
     audio = np.concatenate([read_wav(path) for path in SPEECH])
     motion = MotionSettings(face=0.5, body=0.5)
-    batches = list(windows(generator, audio))
+    batches = list(clip_windows(audio, generator))
 
     state = None
     generator.generate(prepared, batches[0], motion, None)  # warm-up: caches, first allocations

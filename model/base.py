@@ -15,7 +15,7 @@ import io
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -150,5 +150,39 @@ class Generator(ABC):
         to pass to the next call (``None`` on the first call of a session).
 
         Consecutive windows must join without a seam: the state carries whatever the
-        generator needs (last pose, filter memory, motion frames).
+        generator needs (last pose, filter memory, motion frames). The given state is
+        read-only: the engine passes it again when it drops frames after an interrupt,
+        and the same (window, state) must give the same frames.
         """
+
+
+def clip_windows(audio: np.ndarray, generator: Generator, fps: float | None = None,
+                 window_frames: int | None = None) -> Iterator[AudioWindow]:
+    """The AudioWindows of a whole clip, in order, as the session engine cuts them.
+
+    ``audio``: float32 (n,) mono at AUDIO_SAMPLE_RATE. Each window gets the
+    generator's ``context_frames`` of audio before and ``lookahead_frames`` after
+    (zeros outside the clip) and speech flags all True. Covers
+    ``int(n * fps / AUDIO_SAMPLE_RATE)`` frames in windows of ``window_frames``
+    (default: the generator's). For benchmarks and tests that drive a generator
+    directly, without the engine's clock.
+    """
+    fps = fps or generator.fps
+    size = window_frames or generator.window_frames
+    total = int(len(audio) * fps / AUDIO_SAMPLE_RATE)
+    for first in range(0, total, size):
+        count = min(size, total - first)
+        start = frame_start_sample(first - generator.context_frames, fps)
+        stop = frame_start_sample(first + count + generator.lookahead_frames, fps)
+        chunk = np.zeros(stop - start, np.float32)
+        lo, hi = max(0, start), min(len(audio), stop)
+        chunk[lo - start : hi - start] = audio[lo:hi]
+        yield AudioWindow(
+            audio=chunk,
+            first_frame=first,
+            num_frames=count,
+            fps=fps,
+            context_before=frame_start_sample(first, fps) - start,
+            context_after=stop - frame_start_sample(first + count, fps),
+            speech=np.ones(count, bool),
+        )

@@ -20,7 +20,7 @@ from scipy.signal import hilbert
 from model.animator import CpuAnimator
 from model.animator.membrane import MembraneSolver, border_cells
 from model.animator.warp import invert_displacement
-from model.base import AudioWindow, MotionSettings, PreparedPortrait, frame_start_sample
+from model.base import MotionSettings, PreparedPortrait, clip_windows, frame_start_sample
 from model.errors import NoFaceError, PortraitError
 from model.face_mesh import FaceTracker, mouth_aperture
 from model.portrait import load_portrait
@@ -58,34 +58,10 @@ def read_phones(path: Path) -> list[tuple[str, float, float]]:
     return leaves
 
 
-def engine_windows(generator: CpuAnimator, audio: np.ndarray, window_frames: int | None = None):
-    """AudioWindows over ``audio`` as the engine builds them: the generator's
-    context and lookahead around each window, zeros outside the audio."""
-    fps = generator.fps
-    size = window_frames or generator.window_frames
-    total = int(len(audio) * fps / SAMPLE_RATE)
-    for first in range(0, total, size):
-        count = min(size, total - first)
-        start = frame_start_sample(first - generator.context_frames, fps)
-        stop = frame_start_sample(first + count + generator.lookahead_frames, fps)
-        chunk = np.zeros(stop - start, np.float32)
-        lo, hi = max(0, start), min(len(audio), stop)
-        chunk[lo - start : hi - start] = audio[lo:hi]
-        yield AudioWindow(
-            audio=chunk,
-            first_frame=first,
-            num_frames=count,
-            fps=fps,
-            context_before=frame_start_sample(first, fps) - start,
-            context_after=stop - frame_start_sample(first + count, fps),
-            speech=np.ones(count, bool),
-        )
-
-
 def animate(generator, prepared, audio, motion=MotionSettings(), window_frames=None) -> np.ndarray:
     state = None
     frames = []
-    for window in engine_windows(generator, audio, window_frames):
+    for window in clip_windows(audio, generator, window_frames=window_frames):
         out, state = generator.generate(prepared, window, motion, state)
         assert out.shape == (window.num_frames, 512, 512, 3) and out.dtype == np.uint8
         frames.append(out)
@@ -180,7 +156,7 @@ def test_prepare_is_deterministic_and_round_trips(animator, portrait, prepared, 
 
 def test_generate_rejects_portrait_prepared_elsewhere(animator, long_speech):
     foreign = PreparedPortrait(arrays={"latents": np.zeros(4, np.float32)}, meta={"generator": "other"})
-    window = next(engine_windows(animator, long_speech))
+    window = next(clip_windows(long_speech, animator))
     with pytest.raises(ValueError, match="prepare the image again"):
         animator.generate(foreign, window, MotionSettings(), None)
 
@@ -324,3 +300,18 @@ def test_inverted_displacement_undoes_the_warp():
     residual = np.hypot(source_x + 3.0 * bump_at - xs, source_y + 5.0 * bump_at - ys)
     assert residual.max() < 0.1
     assert residual.mean() < 0.005
+
+
+def test_generate_leaves_the_given_state_unchanged(animator, prepared, long_speech):
+    # The engine re-passes an older state after an interrupt drops frames: the same
+    # (window, state) must give the same frames however often it is used.
+    windows = list(clip_windows(long_speech[: SAMPLE_RATE], animator))
+    state = None
+    for window in windows[:10]:
+        _, state = animator.generate(prepared, window, MotionSettings(), state)
+    again = windows[10]
+    first, _ = animator.generate(prepared, again, MotionSettings(), state)
+    for window in windows[10:14]:
+        animator.generate(prepared, window, MotionSettings(), state)
+    second, _ = animator.generate(prepared, again, MotionSettings(), state)
+    np.testing.assert_array_equal(first, second)

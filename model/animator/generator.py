@@ -7,6 +7,7 @@ synthetic mouth interior and lash lines are painted (mouth.py, eyes.py).
 """
 from __future__ import annotations
 
+import copy
 import logging
 import weakref
 from dataclasses import dataclass
@@ -99,7 +100,10 @@ class CpuAnimator(Generator):
         renderer = self._renderer(prepared)
         if state is None:
             state = AnimatorState(VisemeState(), MotionState.start(self.seed), window.first_frame)
-        elif state.next_frame != window.first_frame:
+        else:
+            # The engine may pass the same state again after dropping frames: never advance it in place.
+            state = copy.deepcopy(state)
+        if state.next_frame != window.first_frame:
             logger.debug("window starts at frame %d, expected %d", window.first_frame, state.next_frame)
         count = window.num_frames
         height, width = renderer.shape
