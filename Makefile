@@ -25,7 +25,16 @@ demo: install
 	$(BIN)/avatar-render --portrait assets/portrait.png --audio assets/speech.wav -o out/demo.mp4
 	$(BIN)/avatar-eval out/demo.mp4 --audio assets/speech.wav --phones assets/speech.phone.json --plot out/demo-quality.png
 
-test: install-dev
+# Debian packages the tests need: Chromium for the browser test, espeak-ng for `say`.
+DEBIAN_PACKAGES := chromium espeak-ng
+system-deps:
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+test: install-dev system-deps
 	$(BIN)/python -m pytest -q
 
 bench: install
