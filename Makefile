@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: demo test install install-dev system-deps bench clean
+.PHONY: demo serve test install install-dev system-deps bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ system-deps:
 	  echo "installing Debian packages: $$missing"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
+
+# The streaming server with the bundled portrait: open http://127.0.0.1:8080/ in a browser.
+serve: install
+	$(BIN)/avatar-server
 
 test: install-dev system-deps
 	$(BIN)/python -m pytest -q

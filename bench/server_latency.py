@@ -1,0 +1,391 @@
+"""Latency and capacity of the streaming server over real loopback WebRTC.
+
+Starts the server app in-process (uvicorn on a free 127.0.0.1 port, real CPU
+animator, ICE host candidates pinned to 127.0.0.1, no STUN) and drives it with
+the Python client (server/client.py), as an agent would. Measures:
+
+* time to first frame: ``connect()`` called (offer made) -> first video frame
+  decoded at the receiver;
+* audio-to-lip: first speech chunk pushed -> first voiced audio decoded at the
+  receiver (audio and video of a frame travel together, so the voice marks the
+  first speaking frame); the mouth's own onset (face mesh on received frames)
+  is compared with the voice's in the receiver's media time (A/V at onset);
+* interrupt: ``interrupt`` sent -> last voiced audio decoded at the receiver;
+* A/V offset after N minutes of speech: utterances back to back for
+  ``--minutes``, the last 20 s recorded, then ``avatar-eval REC --audio REC``
+  (the recording's own audio against its lips; target within +-40 ms);
+* capacity: 1..``--max-sessions`` concurrent 512x512 sessions at 25 fps, all
+  speaking; a level passes when no frame is dropped or late at the server and
+  none is missing at the receivers.
+
+The server runs in this process; the clients run in a child process (this
+script with ``--client URL``), so the two do not share one interpreter lock,
+but they share the machine's cores: capacity is a lower bound. Receiver
+figures include aiortc's receive path, whose audio jitter buffer holds 4
+packets (80 ms) before decoding. Server-side late frames come from the
+sessions' ``stats`` events.
+
+    .venv/bin/python bench/server_latency.py [--minutes 1] [--max-sessions 6] [--skip-capacity]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import uvicorn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from avatar.audio_file import load_audio, to_mono_16k  # noqa: E402
+from model.face_mesh import FaceTracker, mouth_aperture  # noqa: E402
+from server.app import create_app  # noqa: E402
+from server.client import AvatarClient, pcm16_bytes  # noqa: E402
+from server.config import Settings  # noqa: E402
+from server.webrtc import pin_ice_host_addresses  # noqa: E402
+
+SPEECH = [Path("/work/shared/data/speech/librivox_0870.wav"), Path("/work/shared/data/speech/librivox_0880.wav")]
+VOICED_PEAK = 2000  # received int16 audio louder than this is voice
+SILENT_PEAK = 200
+RATE = 16000
+CHUNK_S = 0.1  # TTS-sized chunks
+RECORD_TAIL_S = 20.0
+LATE_TOLERANCE = 0.005  # fraction of a capacity level's frames that may be late (noise from other processes)
+
+logger = logging.getLogger("bench.server_latency")
+
+
+def speech_clips() -> list[np.ndarray]:
+    """The shared speech clips as int16 16 kHz mono, each trimmed to start at its voice."""
+    clips = []
+    for path in SPEECH:
+        samples, rate = load_audio(path)
+        mono = to_mono_16k(samples, rate)
+        onset = int(np.argmax(np.abs(mono) > 0.1 * np.abs(mono).max()))
+        clips.append((np.clip(mono[max(0, onset - 160):], -1, 1) * 32767).astype(np.int16))
+    return clips
+
+
+@contextlib.asynccontextmanager
+async def running_server(max_sessions: int):
+    """The app served by uvicorn on a free loopback port; yields its base URL."""
+    app = create_app(Settings(ice_host_addresses=("127.0.0.1",), max_sessions=max_sessions))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+class Received:
+    """What one client's receiver got: per frame (arrival loop time, media time s,
+    payload); video payload is the RGB image when ``keep_images``, else None;
+    audio payload is the int16 peak."""
+
+    def __init__(self, client: AvatarClient, keep_images: bool = False) -> None:
+        self.video: list[tuple[float, float, np.ndarray | None]] = []
+        self.audio: list[tuple[float, float, int]] = []
+        self._keep = keep_images
+        self.first_video = asyncio.Event()
+        self.voiced = asyncio.Event()
+        self._tasks = [asyncio.create_task(self._read(client.subscribe(kind))) for kind in ("video", "audio")]
+
+    async def _read(self, track) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            frame = await track.recv()
+            now, media = loop.time(), float(frame.pts * frame.time_base)
+            if track.kind == "video":
+                self.video.append((now, media, frame.to_ndarray(format="rgb24") if self._keep else None))
+                self.first_video.set()
+            else:
+                peak = int(np.abs(frame.to_ndarray()).max())
+                self.audio.append((now, media, peak))
+                if peak > VOICED_PEAK:
+                    self.voiced.set()
+
+    def missing_video_frames(self, fps: float, since: float = 0.0) -> int:
+        """Frames absent between consecutive received video frames (media time after ``since``)."""
+        times = [media for _, media, _ in self.video if media >= since]
+        return int(sum(max(0, round((b - a) * fps) - 1) for a, b in zip(times, times[1:])))
+
+    def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+
+
+async def push(client: AvatarClient, samples: np.ndarray) -> float:
+    """Push an utterance in CHUNK_S chunks at once (faster than real time) and end it;
+    returns the loop time of the first chunk."""
+    step = round(RATE * CHUNK_S)
+    first = asyncio.get_running_loop().time()
+    for start in range(0, len(samples), step):
+        await client.push_pcm(pcm16_bytes(samples[start:start + step]), RATE)
+    await client.speech_end()
+    return first
+
+
+def mouth_onset(received: Received, after_media: float) -> float | None:
+    """Media time of the first received frame after ``after_media`` whose mouth is
+    clearly more open than in the idle frames before it (face mesh aperture)."""
+    with FaceTracker() as tracker:
+        def aperture(image):
+            landmarks = tracker.track(image)
+            return None if landmarks is None else mouth_aperture(landmarks)
+
+        idle = [a for _, media, image in received.video if media < after_media
+                for a in [aperture(image)] if a is not None]
+        threshold = max(idle[-25:], default=0.0) + 0.01
+        for _, media, image in received.video:
+            if media >= after_media:
+                value = aperture(image)
+                if value is not None and value > threshold:
+                    return media
+    return None
+
+
+async def measure_latencies(url: str, clips: list[np.ndarray]) -> dict:
+    """Time to first frame, audio-to-lip (with A/V at onset) and interrupt latency."""
+    loop = asyncio.get_running_loop()
+    async with AvatarClient(url) as client:
+        await client.create_session(fps=25)
+        events = client.events()
+        received = Received(client, keep_images=True)
+        offered = loop.time()
+        await client.connect()
+        await asyncio.wait_for(received.first_video.wait(), 10)
+        first_frame_s = received.video[0][0] - offered
+        await events.wait_for("stats", 5)  # a second of idle frames first
+
+        pushed = await push(client, clips[1])
+        await asyncio.wait_for(received.voiced.wait(), 10)
+        voice = next((arrival, media) for arrival, media, peak in received.audio if peak > VOICED_PEAK)
+        audio_to_lip_s = voice[0] - pushed
+        await events.wait_for("playback_finished", 15)
+
+        await push(client, clips[0])
+        await events.wait_for("playback_started", 10)
+        await asyncio.sleep(1.5)  # well into the utterance
+        interrupted = loop.time()
+        last_media_before = received.audio[-1][1]
+        await client.interrupt()
+        finished = await events.wait_for("playback_finished", 5)
+        await asyncio.sleep(1.0)  # collect what the receiver still gets
+        received.stop()
+    voiced_after = [(arrival, media) for arrival, media, peak in received.audio
+                    if arrival > interrupted and peak > SILENT_PEAK]
+    mouth = mouth_onset(received, after_media=voice[1] - 0.5)  # face mesh after the session: it would stall it
+    return {
+        "time_to_first_frame_s": first_frame_s,
+        "audio_to_lip_s": audio_to_lip_s,
+        "av_offset_at_onset_ms": None if mouth is None else 1000 * (mouth - voice[1]),
+        "interrupt_s": (voiced_after[-1][0] - interrupted) if voiced_after else 0.0,
+        "interrupt_media_s": (voiced_after[-1][1] - last_media_before) if voiced_after else 0.0,
+        "interrupt_position_s": finished["position"],
+    }
+
+
+async def measure_long_run(url: str, clips: list[np.ndarray], minutes: float, out_dir: Path) -> dict:
+    """Utterances back to back for ``minutes``; record the last RECORD_TAIL_S; avatar-eval it."""
+    loop = asyncio.get_running_loop()
+    path = out_dir / "long_run_tail.mp4"
+    async with AvatarClient(url) as client:
+        await client.create_session(fps=25)
+        events = client.events()
+        received = Received(client)
+        await client.connect()
+        started = loop.time()
+        total = minutes * 60
+        recording = False
+        k = 0
+        while loop.time() - started < total:
+            if not recording and loop.time() - started >= total - RECORD_TAIL_S:
+                await client.record(path)
+                recording = True
+            await push(client, clips[k % len(clips)])
+            await events.wait_for("playback_finished", 30)
+            k += 1
+        if not recording:  # a run shorter than the tail: record one more utterance
+            await client.record(path)
+            await push(client, clips[0])
+            await events.wait_for("playback_finished", 30)
+        await client.stop_recording()
+        elapsed = loop.time() - started
+        missing = received.missing_video_frames(25.0)
+        received.stop()
+    result = subprocess.run(
+        [sys.executable, "-m", "avatar.quality", str(path), "--audio", str(path), "--json"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"avatar-eval failed: {result.stderr.strip().splitlines()[-1:]}")
+    figures = json.loads(result.stdout)
+    return {"minutes": elapsed / 60, "utterances": k, "lag_ms": figures["lag_ms"],
+            "correlation": figures["correlation"], "missing_frames": missing}
+
+
+class LateFrames:
+    """Follows a session's ``stats`` events: frames the session handed out more
+    than a frame period late, counted from ``mark()`` on."""
+
+    def __init__(self, client: AvatarClient) -> None:
+        self.latest = 0
+        self._base = 0
+        self._task = asyncio.create_task(self._follow(client.events()))
+
+    async def _follow(self, events) -> None:
+        async for event in events:
+            if event.get("type") == "stats":
+                self.latest = int(event.get("late_frames") or 0)
+
+    def mark(self) -> None:
+        self._base = self.latest
+
+    @property
+    def since_mark(self) -> int:
+        return self.latest - self._base
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+
+async def measure_capacity(url: str, clips: list[np.ndarray], max_sessions: int, window_s: float) -> list[dict]:
+    """For n = 1..max_sessions concurrent speaking sessions: frames missing at the
+    receivers (dropped anywhere on the way), late frames at the server, received
+    fps. A level passes with no frame missing at any receiver, at most
+    LATE_TOLERANCE of the frames late at the server (a late frame stalls the
+    picture) and at least 24.5 fps received; the ramp stops at the first failure."""
+    levels = []
+    long_speech = np.concatenate(clips * 3)  # about 30 s: every session speaks through the window
+    for n in range(1, max_sessions + 1):
+        clients = [AvatarClient(url) for _ in range(n)]
+        try:
+            for c in clients:
+                await c.create_session(fps=25)
+            receivers = [Received(c) for c in clients]
+            late = [LateFrames(c) for c in clients]
+            for c in clients:
+                await c.connect()
+            await asyncio.sleep(2.0)  # settle: ICE, first keyframes, first stats
+            since = [r.video[-1][1] if r.video else 0.0 for r in receivers]
+            for counter in late:
+                counter.mark()
+            await asyncio.gather(*(push(c, long_speech) for c in clients))
+            await asyncio.sleep(window_s + 1.1)  # the window, and one more stats event to cover it
+            missing = sum(r.missing_video_frames(25.0, s) for r, s in zip(receivers, since))
+            late_frames = sum(counter.since_mark for counter in late)
+            fps = [(len([1 for _, media, _ in r.video if media >= s]) - 1) / max(1e-9, r.video[-1][1] - s)
+                   for r, s in zip(receivers, since)]
+            late_ok = late_frames <= LATE_TOLERANCE * n * window_s * 25
+            level = {"sessions": n, "missing": missing, "late": late_frames, "min_fps": min(fps),
+                     "ok": missing == 0 and late_ok and min(fps) >= 24.5}
+            levels.append(level)
+            print(f"  {n} session(s): missing at receivers {missing}, late at server {late_frames}, "
+                  f"min received fps {min(fps):.1f}", file=sys.stderr, flush=True)
+            for r, counter in zip(receivers, late):
+                r.stop()
+                counter.stop()
+        finally:
+            for c in clients:
+                await c.close()
+        if not levels[-1]["ok"]:
+            break
+    return levels
+
+
+def row(what: str, value: str, note: str = "") -> str:
+    return f"| {what} | {value} | {note} |"
+
+
+def print_table(lat: dict, long: dict, levels: list[dict]) -> None:
+    """The figures as a Markdown table on stdout."""
+    passed = [level["sessions"] for level in levels if level["ok"]]
+    onset = lat["av_offset_at_onset_ms"]
+    print("| measure | value | note |")
+    print("|---|---|---|")
+    print(row("time to first frame after the offer", f"{1000 * lat['time_to_first_frame_s']:.0f} ms",
+              "connect() (offer, ICE, DTLS) to first decoded frame"))
+    print(row("audio-to-lip at the receiver", f"{1000 * lat['audio_to_lip_s']:.0f} ms",
+              "first chunk pushed to first voiced audio decoded; includes aiortc's 80 ms audio jitter buffer"))
+    print(row("A/V at speech onset (receiver media time)", "n/a" if onset is None else f"{onset:+.0f} ms",
+              "mouth opens minus voice starts"))
+    print(row("interrupt at the receiver", f"{1000 * lat['interrupt_s']:.0f} ms",
+              f"interrupt sent to last voiced audio decoded; {1000 * lat['interrupt_media_s']:.0f} ms of media "
+              "past what had arrived"))
+    print(row(f"A/V offset after {long['minutes']:.1f} min of speech", f"{long['lag_ms']:+.1f} ms",
+              f"avatar-eval on the last {RECORD_TAIL_S:g} s recorded (correlation {long['correlation']:.2f}); "
+              f"{long['missing_frames']} frames missing at the receiver"))
+    if levels:
+        detail = "; ".join(f"{lv['sessions']}: {lv['missing']} missing, {lv['late']} late, {lv['min_fps']:.1f} fps"
+                           for lv in levels)
+        print(row("concurrent 512x512 sessions at 25 fps, no dropped frames", str(max(passed, default=0)),
+                  f"per level {detail}"))
+
+
+async def run_clients(args) -> None:
+    """Child process: every client-side measurement against ``args.client``; the table on stdout."""
+    pin_ice_host_addresses(["127.0.0.1"])
+    clips = speech_clips()
+    out_dir = Path(args.out or tempfile.mkdtemp(prefix="server_latency_"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    warm = AvatarClient(args.client)
+    await warm.create_session()  # prepares the bundled portrait once
+    await warm.close()
+    print("latencies ...", file=sys.stderr, flush=True)
+    lat = await measure_latencies(args.client, clips)
+    print(f"long run ({args.minutes:g} min) ...", file=sys.stderr, flush=True)
+    long = await measure_long_run(args.client, clips, args.minutes, out_dir)
+    levels = []
+    if not args.skip_capacity:
+        print("capacity ...", file=sys.stderr, flush=True)
+        levels = await measure_capacity(args.client, clips, args.max_sessions, args.window)
+    print_table(lat, long, levels)
+    print(f"\nrecording: {out_dir / 'long_run_tail.mp4'}")
+
+
+async def serve_for_clients(args) -> int:
+    """Parent: serve the app here, run the clients in a child process; returns its exit status."""
+    pin_ice_host_addresses(["127.0.0.1"])
+    async with running_server(max_sessions=max(args.max_sessions, 2)) as url:
+        forwarded = ["--minutes", str(args.minutes), "--max-sessions", str(args.max_sessions),
+                     "--window", str(args.window)]
+        forwarded += ["--skip-capacity"] if args.skip_capacity else []
+        forwarded += ["--out", args.out] if args.out else []
+        child = await asyncio.create_subprocess_exec(sys.executable, __file__, "--client", url, *forwarded)
+        return await child.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=1.0, help="speech before the A/V offset is measured")
+    parser.add_argument("--max-sessions", type=int, default=6, help="capacity ramp goes 1..this")
+    parser.add_argument("--window", type=float, default=10.0, help="seconds measured per capacity level")
+    parser.add_argument("--skip-capacity", action="store_true")
+    parser.add_argument("--out", help="folder for the recording (default: a temporary folder)")
+    parser.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)  # the child process's role
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.client:
+        asyncio.run(run_clients(args))
+    else:
+        sys.exit(asyncio.run(serve_for_clients(args)))
+
+
+if __name__ == "__main__":
+    main()
