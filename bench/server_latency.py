@@ -38,7 +38,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -183,20 +182,17 @@ async def measure_latencies(url: str, clips: list[np.ndarray]) -> dict:
         await events.wait_for("playback_started", 10)
         await asyncio.sleep(1.5)  # well into the utterance
         interrupted = loop.time()
-        last_media_before = received.audio[-1][1]
         await client.interrupt()
         finished = await events.wait_for("playback_finished", 5)
         await asyncio.sleep(1.0)  # collect what the receiver still gets
         received.stop()
-    voiced_after = [(arrival, media) for arrival, media, peak in received.audio
-                    if arrival > interrupted and peak > SILENT_PEAK]
+    voiced_after = [arrival for arrival, _, peak in received.audio if arrival > interrupted and peak > SILENT_PEAK]
     mouth = mouth_onset(received, after_media=voice[1] - 0.5)  # face mesh after the session: it would stall it
     return {
         "time_to_first_frame_s": first_frame_s,
         "audio_to_lip_s": audio_to_lip_s,
         "av_offset_at_onset_ms": None if mouth is None else 1000 * (mouth - voice[1]),
-        "interrupt_s": (voiced_after[-1][0] - interrupted) if voiced_after else 0.0,
-        "interrupt_media_s": (voiced_after[-1][1] - last_media_before) if voiced_after else 0.0,
+        "interrupt_s": (voiced_after[-1] - interrupted) if voiced_after else 0.0,
         "interrupt_position_s": finished["position"],
     }
 
@@ -326,8 +322,8 @@ def print_table(lat: dict, long: dict, levels: list[dict]) -> None:
     print(row("A/V at speech onset (receiver media time)", "n/a" if onset is None else f"{onset:+.0f} ms",
               "mouth opens minus voice starts"))
     print(row("interrupt at the receiver", f"{1000 * lat['interrupt_s']:.0f} ms",
-              f"interrupt sent to last voiced audio decoded; {1000 * lat['interrupt_media_s']:.0f} ms of media "
-              "past what had arrived"))
+              f"interrupt sent to last voiced audio decoded (cut at {lat['interrupt_position_s']:.2f} s); "
+              "includes aiortc's 80 ms audio jitter buffer"))
     print(row(f"A/V offset after {long['minutes']:.1f} min of speech", f"{long['lag_ms']:+.1f} ms",
               f"avatar-eval on the last {RECORD_TAIL_S:g} s recorded (correlation {long['correlation']:.2f}); "
               f"{long['missing_frames']} frames missing at the receiver"))

@@ -30,6 +30,7 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -50,9 +51,11 @@ PCM_RATES = (16000, 24000, 48000)
 MAX_PCM_MESSAGE_BYTES = 32_000
 #: Seconds connect() waits for the media connection.
 CONNECT_TIMEOUT_S = 20.0
+#: Received audio frames the recorder keeps while waiting for the first video frame (2 s).
+HELD_AUDIO_FRAMES = 100
 
 
-class AvatarClientError(RuntimeError):
+class AvatarClientError(Exception):
     """The server refused a request. ``status``: HTTP status (0 when no answer);
     ``code``: the server's short error code; ``message``: its sentence."""
 
@@ -156,7 +159,8 @@ class Mp4Recorder:
         self._container = None
         self._video = self._audio = None
         self._start: Fraction | None = None  # media time of the file's start, seconds
-        self._held_audio: list[av.AudioFrame] = []
+        # Audio that came before the first video frame (trimmed to the file's start once it comes).
+        self._held_audio: deque[av.AudioFrame] = deque(maxlen=HELD_AUDIO_FRAMES)
         self._last_index = -1
         self._last_picture: tuple[np.ndarray, str] | None = None
         self._audio_written = 0
@@ -180,12 +184,13 @@ class Mp4Recorder:
         self._submit(self._write_video, pixels, layout, round((time - self._start) * self._fps))
 
     def add_audio(self, frame: av.AudioFrame) -> None:
-        """Record a received audio frame (48 kHz, any layout, pts in its time base)."""
+        """Record a received audio frame (48 kHz, any layout, pts in its time base).
+        RuntimeError for another rate."""
         if self._start is None:
             self._held_audio.append(frame)
             return
         if frame.sample_rate != 48000:
-            raise ValueError(f"received audio at {frame.sample_rate} Hz; the recorder takes the 48 kHz WebRTC audio")
+            raise RuntimeError(f"received audio at {frame.sample_rate} Hz; the recorder takes 48 kHz (Opus) audio")
         samples = frame.to_ndarray()
         if not frame.format.is_planar:
             samples = samples.reshape(-1, len(frame.layout.channels)).T
@@ -391,7 +396,10 @@ class AvatarClient:
     async def _open_events(self) -> None:
         session = self._need_session()
         url = self.base_url.replace("http", "ws", 1) + session.events_url + f"?token={session.token}"
-        self._ws = await websockets.connect(url, max_size=2**22)
+        try:
+            self._ws = await websockets.connect(url, max_size=2**22)
+        except (websockets.InvalidHandshake, OSError) as exc:
+            raise AvatarClientError(0, "events_refused", f"the events WebSocket could not open: {exc}") from None
         self._spawn(self._read_events(self._ws))
 
     def _spawn(self, coro) -> None:

@@ -9,8 +9,9 @@ pts count 48 kHz samples from ``3 * pts``. Every timestamp comes from integer
 sample counts, so audio and video cannot drift apart however long a session runs.
 
 Pacing (as aiortc's own tracks do it): ``recv()`` returns each item at
-``origin + (pts - first_pts) / rate`` on one clock shared by both tracks
-(``MediaPacer``). aiortc's Opus encoder numbers RTP timestamps by counting the
+``origin + (pts - first_pts) / rate`` on one schedule shared by both tracks
+(``MediaPacer``), which follows the session's own pacing. Each track holds
+at most about two frames. aiortc's Opus encoder numbers RTP timestamps by counting the
 samples it is given, so the audio track never skips a packet: a gap in pts is
 filled with silence, and an interrupt (``flush``) turns queued packets into
 silence instead of dropping them. Video frames are dropped when their queue is
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import ipaddress
 import logging
 import math
 from collections import deque
@@ -65,9 +67,6 @@ AUDIO_QUEUE_PACKETS = 50
 # re-paced after a stall) instead of sending every later item at once.
 _RESYNC_AFTER_S = 0.25
 
-_ORIGINAL_HOST_ADDRESSES = aioice.ice.get_host_addresses
-
-
 def pin_ice_host_addresses(addresses: list[str]) -> None:
     """Make aioice gather host candidates on exactly ``addresses`` (IPv4 or IPv6
     literals, e.g. ``["127.0.0.1"]``) in this process, for every peer connection
@@ -79,8 +78,6 @@ def pin_ice_host_addresses(addresses: list[str]) -> None:
     offers, and a server behind NAT may want to pin its public interface.
     Raises ValueError for an entry that is not an IP address literal.
     """
-    import ipaddress
-
     if not addresses:
         return
     parsed = []
@@ -160,25 +157,24 @@ class Packetizer:
 
 
 class MediaPacer:
-    """One wall-clock schedule for both outgoing tracks.
+    """One wall-clock schedule for both outgoing tracks, following the source.
 
-    The first item seen (``observe``) fixes origin = clock now and first_pts; an
-    item with pts p (16 kHz samples, or any rate given to ``wait``) is due at
-    ``origin + (p - first_pts) / rate``. An item that reaches ``observe`` more
-    than 0.25 s after its due time (the session re-paced after a stall) moves the
-    origin by its lateness, for both tracks at once. ``clock``: an avatar Clock
-    (SystemClock live, VirtualClock in tests).
+    An item with pts p (16 kHz samples, or any rate given to ``due``) is due at
+    ``origin + (p - first_pts) / rate``. The first item seen (``observe``) sets
+    origin = clock now; later items move the origin so the schedule follows the
+    session's own pacing, for both tracks at once: an item that arrives before
+    its due time moves the origin earlier to its arrival (the session hands a
+    frame out no earlier than it is due, so the earliest arrivals are the true
+    schedule, and no item waits in a track for a late origin); one arriving
+    more than 0.25 s late (the session re-paced after a stall) moves it later by
+    that lateness. ``clock``: an avatar Clock (SystemClock live, VirtualClock in
+    tests).
     """
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self._origin: float | None = None
         self._first_pts = 0
-
-    @property
-    def started(self) -> bool:
-        """Whether the first item has been observed."""
-        return self._origin is not None
 
     def observe(self, pts: int) -> None:
         """A source item with 16 kHz pts ``pts`` has arrived now."""
@@ -187,7 +183,9 @@ class MediaPacer:
             self._origin, self._first_pts = now, pts
             return
         lateness = now - self.due(pts, AUDIO_SAMPLE_RATE)
-        if lateness > _RESYNC_AFTER_S:
+        if lateness < 0.0:
+            self._origin += lateness
+        elif lateness > _RESYNC_AFTER_S:
             logger.info("media source %.3f s late: pacing origin moves", lateness)
             self._origin += lateness
 
@@ -269,12 +267,13 @@ class AvatarVideoTrack(_PacedTrack):
         return count
 
     async def recv(self) -> av.VideoFrame:
-        pts, frame = await self._next_item()
-        lateness = await self._pacer.wait(pts, AUDIO_SAMPLE_RATE)
-        if self._queue and self._queue[0][1] is frame:
-            self._queue.popleft()
-        else:  # flushed or dropped while waiting: take what replaced it
-            return await self.recv()
+        while True:
+            pts, frame = await self._next_item()
+            lateness = await self._pacer.wait(pts, AUDIO_SAMPLE_RATE)
+            if self._queue and self._queue[0][1] is frame:
+                break
+            # Flushed or dropped while we waited: the next one in the queue replaces it.
+        self._queue.popleft()
         if lateness > self._period:
             self.late += 1
         self.sent += 1
@@ -351,7 +350,7 @@ class MediaFeeder:
                 self._audio.put(pcm, pts)
 
 
-@dataclass
+@dataclass(frozen=True)
 class VadSettings:
     """Microphone turn detection. ``mode``: WebRTC VAD aggressiveness 0..3;
     ``start_ms`` voiced audio within the last ``start_window_ms`` that opens an
@@ -392,7 +391,8 @@ class MicrophoneInput:
         self.utterances = 0
 
     async def run(self) -> None:
-        """Read the track until it ends (or the avatar session closes)."""
+        """Read the track until it ends (or the avatar session closes); an
+        utterance still open then is ended."""
         try:
             while True:
                 try:
@@ -401,11 +401,10 @@ class MicrophoneInput:
                     break
                 for converted in self._resampler.resample(frame):
                     await self._feed(converted.to_ndarray().reshape(-1))
+            if self._speaking:
+                self._end_utterance()
         except RuntimeError as exc:  # the avatar session closed under us
             logger.debug("microphone input stops: %s", exc)
-            return
-        if self._speaking:
-            self._avatar.end_of_speech()
 
     async def _feed(self, samples: np.ndarray) -> None:
         stream = np.concatenate([self._pending, samples])
@@ -443,7 +442,7 @@ class MicrophoneInput:
         self._speaking = False
         self._recent.clear()
         self._avatar.end_of_speech()
-        logger.debug("microphone: speech ends after %d ms of silence", self._settings.hangover_ms)
+        logger.debug("microphone: speech ends")
 
 
 class MediaPeer:
@@ -478,7 +477,6 @@ class MediaPeer:
         self._audio = AvatarAudioTrack(self._pacer)
         self._senders: list[_PacedTrack] = []
         self._tasks: set[asyncio.Task] = set()
-        self._pump: asyncio.Task | None = None
         self._mic: MicrophoneInput | None = None
         self._closing = False
         self._notified = False
@@ -507,7 +505,7 @@ class MediaPeer:
             media = SessionDescription.parse(offer_sdp).media
             await self._pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
         except Exception as exc:  # aiortc raises assorted errors for bad SDP; all mean the same to a client
-            raise ValueError(f"malformed SDP offer: {type(exc).__name__}: {exc}") from None
+            raise ValueError(f"malformed SDP offer: {_one_line(exc)}") from None
         # The client's direction: "recvonly"/"sendrecv" means it receives what we send.
         receives = {m.kind for m in media if m.direction in ("recvonly", "sendrecv")}
         if "video" not in receives:
@@ -517,8 +515,11 @@ class MediaPeer:
         if "audio" in receives:
             self._pc.addTrack(self._audio)
             self._senders.append(self._audio)
-        await self._pc.setLocalDescription(await self._pc.createAnswer())
-        self._pump = self._spawn(self._pump_frames(), "media-pump")
+        try:
+            await self._pc.setLocalDescription(await self._pc.createAnswer())
+        except Exception as exc:  # e.g. no codec in common
+            raise ValueError(f"SDP offer cannot be answered: {_one_line(exc)}") from None
+        self._spawn(self._pump_frames(), "media-pump")
         self._spawn(self._poll_remote_stats(), "media-stats")
         return self._pc.localDescription.sdp
 
@@ -572,11 +573,10 @@ class MediaPeer:
 
     # -- internals -----------------------------------------------------------------
 
-    def _spawn(self, coro, name: str) -> asyncio.Task:
+    def _spawn(self, coro, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return task
 
     async def _pump_frames(self) -> None:
         """The one reader of the session's frames: waits until every outgoing
@@ -587,8 +587,8 @@ class MediaPeer:
         try:
             async for frame in self._avatar:
                 feeder.feed(frame)
-        except RuntimeError as exc:  # the session's generator failed for good
-            logger.error("avatar frame stream failed: %s", exc)
+        except Exception as exc:  # RuntimeError: the session's generator failed for good
+            logger.error("avatar frame stream failed: %s", _one_line(exc), exc_info=not isinstance(exc, RuntimeError))
             await self._notify_closed("media_error")
 
     async def _poll_remote_stats(self) -> None:
@@ -636,3 +636,8 @@ class MediaPeer:
                 await result
         except Exception:  # the owner's bug must not kill the media tasks silently
             logger.exception("on_closed callback failed")
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line, for error messages that reach a client."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
