@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: demo serve test install install-dev system-deps bench clean
+.PHONY: demo render test install install-dev system-deps bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,14 @@ $(VENV)/.installed-dev: pyproject.toml constraints.txt | $(BIN)/python
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
+# The main job: the streaming server with the bundled portrait and the CPU animator;
+# open the printed URL (browser demo) or drive it with examples/agent_loop.py.
 demo: install
+	@echo "avatar server: open http://127.0.0.1:8080/ in a browser (Ctrl-C stops it)"
+	$(BIN)/avatar-server
+
+# Offline: render the bundled portrait speaking the bundled speech, then measure its lip sync.
+render: install
 	$(BIN)/avatar-render --portrait assets/portrait.png --audio assets/speech.wav -o out/demo.mp4
 	$(BIN)/avatar-eval out/demo.mp4 --audio assets/speech.wav --phones assets/speech.phone.json --plot out/demo-quality.png
 
@@ -34,15 +41,12 @@ system-deps:
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
-# The streaming server with the bundled portrait: open http://127.0.0.1:8080/ in a browser.
-serve: install
-	$(BIN)/avatar-server
-
 test: install-dev system-deps
 	$(BIN)/python -m pytest -q
 
 bench: install
 	$(BIN)/python bench/animator_fps.py
+	$(BIN)/python bench/server_latency.py
 
 clean:
 	rm -rf $(VENV) out

@@ -1,4 +1,5 @@
-"""What the command-line tools share: one-line errors, no tracebacks, quiet native libraries."""
+"""What the command-line tools share: one-line errors, no tracebacks, quiet native libraries,
+and the choice of generator (``--generator``, ``--weights``)."""
 from __future__ import annotations
 
 import argparse
@@ -9,9 +10,18 @@ import os
 import sys
 import traceback
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from model.base import Generator
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+
+#: ``--generator`` values: the CPU animator, FantasyTalking on real weights (``--weights``),
+#: and FantasyTalking on tiny random networks (a smoke test of the diffusion path; noise video).
+GENERATORS = ("animator", "fantasytalking", "fantasytalking-tiny")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -36,6 +46,46 @@ def bounded(kind: Callable[[str], float], low: float, high: float, what: str) ->
         return value
 
     return convert
+
+
+def add_generator_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--generator`` (one of GENERATORS, default animator) and ``--weights DIR``."""
+    parser.add_argument("--generator", choices=GENERATORS, default="animator",
+                        help="animator: real-time CPU face rig (default); fantasytalking: the FantasyTalking "
+                        "diffusion model (needs --weights; a GPU in practice); fantasytalking-tiny: the same "
+                        "model with tiny random networks, for smoke tests (its video is noise; --size 128 is quick)")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="FantasyTalking weights directory (local files only; layout in README)")
+
+
+def check_generator_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit 2 (``parser.error``) when ``--weights`` is missing for ``--generator
+    fantasytalking`` or given for a generator that takes none."""
+    if args.generator == "fantasytalking" and args.weights is None:
+        parser.error("--generator fantasytalking needs --weights DIR (the local weights directory)")
+    if args.generator != "fantasytalking" and args.weights is not None:
+        parser.error(f"--weights is only used with --generator fantasytalking, not {args.generator}")
+
+
+def make_generator(name: str, weights: Path | None, *, seed: int, size: int) -> Generator:
+    """The generator ``name`` (see GENERATORS). ``seed``: the animator's idle motion or the
+    diffusion noise; ``size``: long side of the video, which FantasyTalking rounds down
+    to a multiple of 16 (its reference image's longest edge). Raises WeightsError (an
+    OSError) naming the missing file for an incomplete weights directory."""
+    if name == "animator":
+        from model.animator import CpuAnimator
+
+        return CpuAnimator(seed=seed)
+    import dataclasses
+
+    from model.fantasytalking.generator import TINY_CONFIG, WEIGHTS_CONFIG, FantasyTalkingGenerator
+
+    max_side = max(16, size // 16 * 16)
+    if name == "fantasytalking":
+        return FantasyTalkingGenerator.from_weights(
+            weights, dataclasses.replace(WEIGHTS_CONFIG, seed=seed, max_side=max_side)
+        )
+    return FantasyTalkingGenerator.tiny(seed, dataclasses.replace(TINY_CONFIG, seed=seed, max_side=max_side))
 
 
 class _CurrentStderrHandler(logging.StreamHandler):

@@ -1,12 +1,17 @@
 """``avatar-render``: render a talking-portrait MP4 offline, through the live session engine.
 
-    avatar-render --portrait IMG --audio AUDIO -o OUT.mp4 [--fps 25] [--size 512]
-                  [--face 0.5] [--body 0.5] [--seed N] [-v]
+    avatar-render --portrait IMG --audio AUDIO -o OUT.mp4 [--fps FPS] [--size 512]
+                  [--face 0.5] [--body 0.5] [--seed N]
+                  [--generator animator|fantasytalking|fantasytalking-tiny] [--weights DIR] [-v]
 
 The audio is pushed in 20 ms chunks, as a live stream would arrive, to a session
 running on a VirtualClock (so faster than real time); the frames of that one
-utterance are written to OUT.mp4 (H.264 + AAC). Exit 0 on success, 2 on bad
-input (one line on stderr, nothing written), 130 when interrupted.
+utterance are written to OUT.mp4 (H.264 + AAC). ``--generator`` picks the CPU
+animator (default), the FantasyTalking diffusion model (``--weights DIR``, a local
+weights directory) or ``fantasytalking-tiny``, the same model with tiny random
+networks for smoke tests (its video is noise). Exit 0 on success, 2 on bad input
+(one line on stderr, nothing written; also a missing or incomplete weights
+directory), 130 when interrupted.
 """
 from __future__ import annotations
 
@@ -23,12 +28,19 @@ from PIL import Image
 from tqdm import tqdm
 
 from avatar.audio_file import AudioFileError, load_audio
-from avatar.cli_common import OneLineParser, bounded, configure_logging, run_cli
+from avatar.cli_common import (
+    OneLineParser,
+    add_generator_arguments,
+    bounded,
+    check_generator_arguments,
+    configure_logging,
+    make_generator,
+    run_cli,
+)
 from avatar.clock import VirtualClock
 from avatar.frames import AudioChunk, AvatarFrame, MotionSettings, PlaybackFinished, SessionError
 from avatar.session import AvatarSession
 from avatar.video_out import Mp4Writer
-from model.animator import CpuAnimator
 from model.errors import PortraitError
 from model.portrait import MAX_SIDE, load_portrait
 
@@ -51,15 +63,18 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--audio", type=Path, required=True, help="speech (WAV, MP3, FLAC, OGG, M4A, ...)")
     parser.add_argument("-o", "--output", type=Path, required=True,
                         help="output video, must end in .mp4 (its directory is created if missing)")
-    parser.add_argument("--fps", type=bounded(float, MIN_FPS, MAX_FPS, "--fps"), default=25.0,
-                        help=f"frames per second, {MIN_FPS:g} to {MAX_FPS:g} (default 25)")
+    parser.add_argument("--fps", type=bounded(float, MIN_FPS, MAX_FPS, "--fps"), default=None,
+                        help=f"frames per second, {MIN_FPS:g} to {MAX_FPS:g} (default: the generator's, "
+                        "25 for the animator, 23 for fantasytalking)")
     parser.add_argument("--size", type=bounded(int, MIN_SIZE, MAX_SIZE, "--size"), default=512,
                         help=f"long side of the video in pixels, {MIN_SIZE} to {MAX_SIZE} (default 512)")
     parser.add_argument("--face", type=bounded(float, 0.0, 1.0, "--face"), default=0.5,
                         help="expression intensity in [0, 1] (default 0.5)")
     parser.add_argument("--body", type=bounded(float, 0.0, 1.0, "--body"), default=0.5,
                         help="head and body motion in [0, 1] (default 0.5)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the idle motion (default 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the idle motion, or of the diffusion noise (default 0)")
+    add_generator_arguments(parser)
     parser.add_argument("-v", "--verbose", action="store_true", help="show progress notes and native library logs")
     return parser
 
@@ -156,21 +171,22 @@ async def render_utterance(
     return count
 
 
-async def _render(args, image: np.ndarray, samples: np.ndarray, rate: int) -> tuple[Path, int]:
+async def _render(args, image: np.ndarray, samples: np.ndarray, rate: int) -> tuple[Path, int, float]:
     # SIGTERM cancels the render like Ctrl-C does (asyncio.run handles SIGINT), so
     # the writer removes its partial file; raising from a plain signal handler could
     # land anywhere inside the event loop.
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
-    generator = CpuAnimator(seed=args.seed)
+    generator = make_generator(args.generator, args.weights, seed=args.seed, size=args.size)
     prepared = generator.prepare(image)
     chunks = live_chunks(samples, rate)
-    expected = math.ceil(samples.shape[0] / rate * args.fps)
-    height, width = image.shape[:2]
+    fps = args.fps or generator.fps
+    expected = math.ceil(samples.shape[0] / rate * fps)
+    height, width = prepared.arrays["image"].shape[:2]  # the frames' size (a generator may round it)
     session = AvatarSession(
-        generator, prepared, fps=args.fps, motion=MotionSettings(args.face, args.body), clock=VirtualClock()
+        generator, prepared, fps=fps, motion=MotionSettings(args.face, args.body), clock=VirtualClock()
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)  # e.g. out/ for `make demo`
-    with Mp4Writer(args.output, width, height, args.fps) as writer, tqdm(
+    with Mp4Writer(args.output, width, height, fps) as writer, tqdm(
         total=expected, unit="frame", desc=PROG, file=sys.stderr, leave=False
     ) as progress:
 
@@ -180,7 +196,7 @@ async def _render(args, image: np.ndarray, samples: np.ndarray, rate: int) -> tu
 
         async with session:
             count = await render_utterance(session, chunks, write)
-    return args.output, count
+    return args.output, count, fps
 
 
 def _run(args) -> int:
@@ -188,16 +204,18 @@ def _run(args) -> int:
     samples, rate = load_audio(args.audio)
     image = load_render_portrait(args.portrait, args.size)
     try:
-        path, count = asyncio.run(_render(args, image, samples, rate))
+        path, count, fps = asyncio.run(_render(args, image, samples, rate))
     except asyncio.CancelledError:
         raise KeyboardInterrupt from None  # SIGTERM: report it as an interruption
-    print(f"{path}: {count} frames ({count / args.fps:.2f} s at {args.fps:g} fps)")
+    print(f"{path}: {count} frames ({count / fps:.2f} s at {fps:g} fps)")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``avatar-render``; returns the exit status (see module docstring)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_generator_arguments(parser, args)
     configure_logging(PROG, args.verbose)
     return run_cli(PROG, lambda: _run(args), (AudioFileError, PortraitError, RenderError, OSError), args.verbose)
 

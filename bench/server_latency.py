@@ -6,10 +6,15 @@ the Python client (server/client.py), as an agent would. Measures:
 
 * time to first frame: ``connect()`` called (offer made) -> first video frame
   decoded at the receiver;
-* audio-to-lip: first speech chunk pushed -> first voiced audio decoded at the
-  receiver (audio and video of a frame travel together, so the voice marks the
-  first speaking frame); the mouth's own onset (face mesh on received frames)
-  is compared with the voice's in the receiver's media time (A/V at onset);
+* audio-to-lip: first speech chunk pushed -> the first speaking video frame at
+  the receiver: complete on the wire (its last RTP packet arrived: what a
+  browser's receiver can decode at once) and decoded by aiortc (which holds each
+  video frame until the next one's first packet arrives). The first speaking
+  frame is the one whose media time holds the first voiced audio (audio and
+  video of a frame carry the same pts). Also the engine's part (chunk received
+  -> frame handed to the tracks, from the session's ``stats``) and the first
+  voiced audio decoded; the mouth's own onset (face mesh on received frames) is
+  compared with the voice's in the receiver's media time (A/V at onset);
 * interrupt: ``interrupt`` sent -> last voiced audio decoded at the receiver;
 * A/V offset after N minutes of speech: utterances back to back for
   ``--minutes``, the last 20 s recorded, then ``avatar-eval REC --audio REC``
@@ -25,7 +30,7 @@ figures include aiortc's receive path, whose audio jitter buffer holds 4
 packets (80 ms) before decoding. Server-side late frames come from the
 sessions' ``stats`` events.
 
-    .venv/bin/python bench/server_latency.py [--minutes 1] [--max-sessions 6] [--skip-capacity]
+    .venv/bin/python bench/server_latency.py [--minutes 1] [--max-sessions 6] [--parts latency,long,capacity]
 """
 from __future__ import annotations
 
@@ -76,9 +81,10 @@ def speech_clips() -> list[np.ndarray]:
 
 
 @contextlib.asynccontextmanager
-async def running_server(max_sessions: int):
+async def running_server(max_sessions: int, generator_processes: bool = True):
     """The app served by uvicorn on a free loopback port; yields its base URL."""
-    app = create_app(Settings(ice_host_addresses=("127.0.0.1",), max_sessions=max_sessions))
+    app = create_app(Settings(ice_host_addresses=("127.0.0.1",), max_sessions=max_sessions,
+                              generator_processes=generator_processes))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
@@ -92,6 +98,34 @@ async def running_server(max_sessions: int):
         sock.close()
 
 
+class TimedClient(AvatarClient):
+    """An AvatarClient that also notes when received media reached the receiver,
+    before aiortc's jitter buffers: ``arrived[kind]`` maps an RTP timestamp
+    (counted from the kind's first packet, as aiortc counts the pts it decodes)
+    to the loop time of the packet that completed it (video: the frame's last
+    packet, marker bit; audio: the packet). Wraps the receivers' packet
+    handlers: measurement only."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.arrived: dict[str, dict[int, float]] = {"video": {}, "audio": {}}
+
+    def _on_track(self, track) -> None:
+        super()._on_track(track)
+        receiver = next(t.receiver for t in self._pc.getTransceivers() if t.receiver.track is track)
+        handle, loop, origin = receiver._handle_rtp_packet, asyncio.get_running_loop(), None
+        arrived = self.arrived[track.kind]
+
+        async def noted(packet, arrival_time_ms):
+            nonlocal origin
+            origin = packet.timestamp if origin is None else origin
+            if packet.marker or track.kind == "audio":
+                arrived[(packet.timestamp - origin) % 2**32] = loop.time()
+            await handle(packet, arrival_time_ms)
+
+        receiver._handle_rtp_packet = noted
+
+
 class Received:
     """What one client's receiver got: per frame (arrival loop time, media time s,
     payload); video payload is the RGB image when ``keep_images``, else None;
@@ -100,7 +134,7 @@ class Received:
     def __init__(self, client: AvatarClient, keep_images: bool = False) -> None:
         self.video: list[tuple[float, float, np.ndarray | None]] = []
         self.audio: list[tuple[float, float, int]] = []
-        self._keep = keep_images
+        self.keep_images = keep_images
         self.first_video = asyncio.Event()
         self.voiced = asyncio.Event()
         self._tasks = [asyncio.create_task(self._read(client.subscribe(kind))) for kind in ("video", "audio")]
@@ -111,7 +145,7 @@ class Received:
             frame = await track.recv()
             now, media = loop.time(), float(frame.pts * frame.time_base)
             if track.kind == "video":
-                self.video.append((now, media, frame.to_ndarray(format="rgb24") if self._keep else None))
+                self.video.append((now, media, frame.to_ndarray(format="rgb24") if self.keep_images else None))
                 self.first_video.set()
             else:
                 peak = int(np.abs(frame.to_ndarray()).max())
@@ -159,10 +193,32 @@ def mouth_onset(received: Received, after_media: float) -> float | None:
     return None
 
 
-async def measure_latencies(url: str, clips: list[np.ndarray]) -> dict:
-    """Time to first frame, audio-to-lip (with A/V at onset) and interrupt latency."""
+async def speech_onset(client: TimedClient, events, received: Received, clip: np.ndarray) -> dict:
+    """Push ``clip`` (starts voiced) and time its first speaking frame (see the
+    module docstring); returns loop-time latencies (s) and the voice's media time."""
+    mark = len(received.audio)
+    received.voiced.clear()
+    pushed = await push(client, clip)
+    await asyncio.wait_for(received.voiced.wait(), 10)
+    voice = next((arrival, media) for arrival, media, peak in received.audio[mark:] if peak > VOICED_PEAK)
+    await events.wait_for("playback_started", 5)
+    engine_s = (await events.wait_for("stats", 5))["audio_to_lip_latency_s"]
+    # The speaking frame: the last video frame starting at or before the voice's media time.
+    frame = max((v for v in received.video if v[1] <= voice[1] + 1e-6), key=lambda v: v[1])
+    complete = client.arrived["video"].get(round(frame[1] * 90000))
+    await events.wait_for("playback_finished", 15)
+    await asyncio.sleep(0.5)  # the utterance's last audio reaches the receiver before the next one
+    return {"decoded": frame[0] - pushed, "wire": None if complete is None else complete - pushed,
+            "engine": engine_s, "voice": voice[0] - pushed, "voice_media": voice[1]}
+
+
+async def measure_latencies(url: str, clips: list[np.ndarray], repeats: int) -> dict:
+    """Time to first frame; audio-to-lip over ``repeats`` short utterances (with A/V
+    at the first one's onset); interrupt latency over ``repeats`` interrupts.
+    Latencies are lists (s), one per repeat."""
     loop = asyncio.get_running_loop()
-    async with AvatarClient(url) as client:
+    short = clips[1][: 2 * RATE]
+    async with TimedClient(url) as client:
         await client.create_session(fps=25)
         events = client.events()
         received = Received(client, keep_images=True)
@@ -172,28 +228,39 @@ async def measure_latencies(url: str, clips: list[np.ndarray]) -> dict:
         first_frame_s = received.video[0][0] - offered
         await events.wait_for("stats", 5)  # a second of idle frames first
 
-        pushed = await push(client, clips[1])
-        await asyncio.wait_for(received.voiced.wait(), 10)
-        voice = next((arrival, media) for arrival, media, peak in received.audio if peak > VOICED_PEAK)
-        audio_to_lip_s = voice[0] - pushed
-        await events.wait_for("playback_finished", 15)
+        onsets = [await speech_onset(client, events, received, short)]
+        mouth = mouth_onset(received, after_media=onsets[0]["voice_media"] - 0.5)
+        received.keep_images = False  # the face mesh needs only the first onset
+        received.video = [(arrival, media, None) for arrival, media, _ in received.video]
+        for _ in range(repeats - 1):
+            onsets.append(await speech_onset(client, events, received, short))
 
-        await push(client, clips[0])
-        await events.wait_for("playback_started", 10)
-        await asyncio.sleep(1.5)  # well into the utterance
-        interrupted = loop.time()
-        await client.interrupt()
-        finished = await events.wait_for("playback_finished", 5)
-        await asyncio.sleep(1.0)  # collect what the receiver still gets
+        interrupts, interrupts_wire, positions = [], [], []
+        for _ in range(repeats):
+            await push(client, clips[0])
+            await events.wait_for("playback_started", 10)
+            await asyncio.sleep(1.5)  # well into the utterance
+            interrupted = loop.time()
+            await client.interrupt()
+            positions.append((await events.wait_for("playback_finished", 5))["position"])
+            await asyncio.sleep(1.0)  # collect what the receiver still gets
+            voiced_after = [(arrival, media) for arrival, media, peak in received.audio
+                            if arrival > interrupted and peak > SILENT_PEAK]
+            last = voiced_after[-1] if voiced_after else None
+            interrupts.append(0.0 if last is None else last[0] - interrupted)
+            wire = None if last is None else client.arrived["audio"].get(round(last[1] * 48000))
+            interrupts_wire.append(0.0 if last is None else None if wire is None else max(0.0, wire - interrupted))
         received.stop()
-    voiced_after = [arrival for arrival, _, peak in received.audio if arrival > interrupted and peak > SILENT_PEAK]
-    mouth = mouth_onset(received, after_media=voice[1] - 0.5)  # face mesh after the session: it would stall it
     return {
         "time_to_first_frame_s": first_frame_s,
-        "audio_to_lip_s": audio_to_lip_s,
-        "av_offset_at_onset_ms": None if mouth is None else 1000 * (mouth - voice[1]),
-        "interrupt_s": (voiced_after[-1] - interrupted) if voiced_after else 0.0,
-        "interrupt_position_s": finished["position"],
+        "audio_to_lip_s": [o["decoded"] for o in onsets],
+        "audio_to_lip_wire_s": [o["wire"] for o in onsets if o["wire"] is not None],
+        "audio_to_lip_engine_s": [o["engine"] for o in onsets],
+        "audio_to_voice_s": [o["voice"] for o in onsets],
+        "av_offset_at_onset_ms": None if mouth is None else 1000 * (mouth - onsets[0]["voice_media"]),
+        "interrupt_s": interrupts,
+        "interrupt_wire_s": [w for w in interrupts_wire if w is not None],
+        "interrupt_position_s": positions,
     }
 
 
@@ -309,24 +376,47 @@ def row(what: str, value: str, note: str = "") -> str:
     return f"| {what} | {value} | {note} |"
 
 
-def print_table(lat: dict, long: dict, levels: list[dict]) -> None:
-    """The figures as a Markdown table on stdout."""
-    passed = [level["sessions"] for level in levels if level["ok"]]
+def ms(values: list[float]) -> str:
+    """Median and range of latencies in seconds, as milliseconds."""
+    if not values:
+        return "n/a"
+    values = 1000 * np.asarray(values)
+    return f"{np.median(values):.0f} ms ({values.min():.0f}-{values.max():.0f})"
+
+
+def print_latencies(lat: dict) -> None:
+    """Table rows of ``measure_latencies``: medians with (min-max) over the repeats."""
     onset = lat["av_offset_at_onset_ms"]
-    print("| measure | value | note |")
-    print("|---|---|---|")
+    n = len(lat["audio_to_lip_s"])
     print(row("time to first frame after the offer", f"{1000 * lat['time_to_first_frame_s']:.0f} ms",
               "connect() (offer, ICE, DTLS) to first decoded frame"))
-    print(row("audio-to-lip at the receiver", f"{1000 * lat['audio_to_lip_s']:.0f} ms",
-              "first chunk pushed to first voiced audio decoded; includes aiortc's 80 ms audio jitter buffer"))
+    print(row("audio-to-lip, speaking frame complete at the receiver", ms(lat["audio_to_lip_wire_s"]),
+              f"{n} utterances: first chunk pushed to the first speaking frame's last RTP packet"))
+    print(row("audio-to-lip, speaking frame decoded by aiortc", ms(lat["audio_to_lip_s"]),
+              "also aiortc holding each video frame until the next one starts (40 ms at 25 fps)"))
+    print(row("audio-to-lip in the engine", ms(lat["audio_to_lip_engine_s"]),
+              "chunk received to speaking frame handed to the tracks (session stats)"))
+    print(row("audio-to-voice, decoded by aiortc", ms(lat["audio_to_voice_s"]),
+              "first voiced audio decoded; includes aiortc's 80 ms audio jitter buffer"))
     print(row("A/V at speech onset (receiver media time)", "n/a" if onset is None else f"{onset:+.0f} ms",
-              "mouth opens minus voice starts"))
-    print(row("interrupt at the receiver", f"{1000 * lat['interrupt_s']:.0f} ms",
-              f"interrupt sent to last voiced audio decoded (cut at {lat['interrupt_position_s']:.2f} s); "
-              "includes aiortc's 80 ms audio jitter buffer"))
-    print(row(f"A/V offset after {long['minutes']:.1f} min of speech", f"{long['lag_ms']:+.1f} ms",
-              f"avatar-eval on the last {RECORD_TAIL_S:g} s recorded (correlation {long['correlation']:.2f}); "
-              f"{long['missing_frames']} frames missing at the receiver"))
+              "mouth opens minus voice starts, first utterance"))
+    print(row("interrupt at the receiver, on the wire", ms(lat["interrupt_wire_s"]),
+              f"{len(lat['interrupt_s'])} interrupts: sent to the last voiced audio packet's arrival"))
+    print(row("interrupt at the receiver, decoded by aiortc", ms(lat["interrupt_s"]),
+              "sent to last voiced audio decoded; includes aiortc's 80 ms audio jitter buffer"))
+
+
+def print_table(lat: dict | None, long: dict | None, levels: list[dict]) -> None:
+    """The figures of the parts that ran, as a Markdown table on stdout."""
+    passed = [level["sessions"] for level in levels if level["ok"]]
+    print("| measure | value | note |")
+    print("|---|---|---|")
+    if lat:
+        print_latencies(lat)
+    if long:
+        print(row(f"A/V offset after {long['minutes']:.1f} min of speech", f"{long['lag_ms']:+.1f} ms",
+                  f"avatar-eval on the last {RECORD_TAIL_S:g} s recorded (correlation {long['correlation']:.2f}); "
+                  f"{long['missing_frames']} frames missing at the receiver"))
     if levels:
         detail = "; ".join(f"{lv['sessions']}: {lv['missing']} missing, {lv['late']} late, {lv['min_fps']:.1f} fps"
                            for lv in levels)
@@ -343,28 +433,43 @@ async def run_clients(args) -> None:
     warm = AvatarClient(args.client)
     await warm.create_session()  # prepares the bundled portrait once
     await warm.close()
-    print("latencies ...", file=sys.stderr, flush=True)
-    lat = await measure_latencies(args.client, clips)
-    print(f"long run ({args.minutes:g} min) ...", file=sys.stderr, flush=True)
-    long = await measure_long_run(args.client, clips, args.minutes, out_dir)
+    lat = long = None
     levels = []
-    if not args.skip_capacity:
+    if "latency" in args.parts:
+        print("latencies ...", file=sys.stderr, flush=True)
+        lat = await measure_latencies(args.client, clips, args.repeats)
+    if "long" in args.parts:
+        print(f"long run ({args.minutes:g} min) ...", file=sys.stderr, flush=True)
+        long = await measure_long_run(args.client, clips, args.minutes, out_dir)
+    if "capacity" in args.parts:
         print("capacity ...", file=sys.stderr, flush=True)
         levels = await measure_capacity(args.client, clips, args.max_sessions, args.window)
     print_table(lat, long, levels)
-    print(f"\nrecording: {out_dir / 'long_run_tail.mp4'}")
+    if long:
+        print(f"\nrecording: {out_dir / 'long_run_tail.mp4'}")
 
 
 async def serve_for_clients(args) -> int:
     """Parent: serve the app here, run the clients in a child process; returns its exit status."""
     pin_ice_host_addresses(["127.0.0.1"])
-    async with running_server(max_sessions=max(args.max_sessions, 2)) as url:
+    async with running_server(max(args.max_sessions, 2), not args.in_process_generators) as url:
         forwarded = ["--minutes", str(args.minutes), "--max-sessions", str(args.max_sessions),
-                     "--window", str(args.window)]
-        forwarded += ["--skip-capacity"] if args.skip_capacity else []
+                     "--window", str(args.window), "--repeats", str(args.repeats), "--parts", ",".join(args.parts)]
         forwarded += ["--out", args.out] if args.out else []
         child = await asyncio.create_subprocess_exec(sys.executable, __file__, "--client", url, *forwarded)
         return await child.wait()
+
+
+PARTS = ("latency", "long", "capacity")
+
+
+def parts(text: str) -> tuple[str, ...]:
+    """``--parts``: a comma list of PARTS."""
+    chosen = tuple(p.strip() for p in text.split(",") if p.strip())
+    unknown = [p for p in chosen if p not in PARTS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"parts must be a comma list of {', '.join(PARTS)}; got {text!r}")
+    return chosen
 
 
 def main() -> None:
@@ -372,7 +477,11 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=1.0, help="speech before the A/V offset is measured")
     parser.add_argument("--max-sessions", type=int, default=6, help="capacity ramp goes 1..this")
     parser.add_argument("--window", type=float, default=10.0, help="seconds measured per capacity level")
-    parser.add_argument("--skip-capacity", action="store_true")
+    parser.add_argument("--in-process-generators", action="store_true",
+                        help="run the generators in the server's process (AVATAR_GENERATOR_PROCESSES=0)")
+    parser.add_argument("--repeats", type=int, default=5, help="utterances and interrupts timed")
+    parser.add_argument("--parts", type=parts, default=PARTS,
+                        help="comma list of the measurements to run (default: latency,long,capacity)")
     parser.add_argument("--out", help="folder for the recording (default: a temporary folder)")
     parser.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)  # the child process's role
     args = parser.parse_args()

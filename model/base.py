@@ -155,6 +155,11 @@ class Generator(ABC):
         and the same (window, state) must give the same frames.
         """
 
+    def close(self) -> None:
+        """Release what the generator holds beyond memory (a worker process, GPU
+        memory). Called once by the owner of its session when the session ends;
+        the default does nothing."""
+
 
 def clip_windows(audio: np.ndarray, generator: Generator, fps: float | None = None,
                  window_frames: int | None = None) -> Iterator[AudioWindow]:

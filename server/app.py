@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
+import functools
 import logging
 import secrets
 import time
@@ -94,10 +96,34 @@ def _default_store(settings: Settings, monotonic: Callable[[], float]) -> Sessio
     return MemoryStore(monotonic)
 
 
+def default_generator_factory(settings: Settings) -> Callable[[], Generator]:
+    """The generator factory of ``settings.generator``: the CPU animator, or FantasyTalking
+    on the weights in ``settings.weights`` (loaded here, once: every session's generator
+    shares the networks) or on tiny random networks. Raises WeightsError (an OSError)
+    naming the missing file of an incomplete weights directory."""
+    if settings.generator == "animator":
+        return CpuAnimator
+    from model.fantasytalking.generator import (
+        TINY_CONFIG,
+        WEIGHTS_CONFIG,
+        FantasyTalkingGenerator,
+        load_models,
+        tiny_models,
+    )
+
+    if settings.generator == "fantasytalking":
+        config = WEIGHTS_CONFIG
+        models = load_models(settings.weights, config)
+    else:
+        config = TINY_CONFIG
+        models = tiny_models(0, config)
+    return functools.partial(FantasyTalkingGenerator, models, config)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
-    generator_factory: Callable[[], Generator] = CpuAnimator,
+    generator_factory: Callable[[], Generator] | None = None,
     clock_factory: Callable[[], Clock] = SystemClock,
     store_factory: Callable[[Settings], SessionStore] | None = None,
     tts: EspeakTts | None = None,
@@ -107,16 +133,23 @@ def create_app(
     """The server app.
 
     ``settings``: default ``Settings.from_env()``. ``generator_factory``: a new
-    Generator per session (and one for preparing portraits); ``clock_factory``:
+    Generator per session (and one for preparing portraits); default
+    ``default_generator_factory(settings)``; ``clock_factory``:
     each session's pacing clock (VirtualClock for fast tests); ``store_factory``:
     default RedisStore when ``settings.redis_url`` is set, else MemoryStore;
     ``tts``: default espeak-ng found on PATH; ``monotonic``: seconds for
     timeouts, rate limits and the memory store's TTLs (injectable for tests).
-    Raises SettingsError when the default portrait file is missing.
+    Raises SettingsError when the default portrait file is missing, WeightsError
+    (an OSError) for incomplete FantasyTalking weights.
     """
     settings = settings or Settings.from_env()
     if not settings.default_portrait.is_file():
         raise SettingsError(f"AVATAR_DEFAULT_PORTRAIT: no such file: {settings.default_portrait}")
+    if settings.generator != "animator" and settings.generator_processes:
+        # One loaded diffusion model serves every session; a worker process per session
+        # would load its own copy of the weights.
+        settings = dataclasses.replace(settings, generator_processes=False)
+    generator_factory = generator_factory or default_generator_factory(settings)
     tts = tts or EspeakTts()
     metrics = ServerMetrics()
     preparing_generator = generator_factory()
@@ -292,6 +325,10 @@ def _add_routes(app: FastAPI, settings: Settings, metrics: ServerMetrics, tts: E
         """Start a session; connect media with the offer URL and control with the events URL."""
         server = _server(request)
         busy = {"Retry-After": str(RETRY_AFTER_S)}
+        if body.generator is not None and body.generator != settings.generator:
+            raise ApiError(422, "generator_unavailable",
+                           f"this server runs the {settings.generator!r} generator, not {body.generator!r}; "
+                           "ask for it or leave 'generator' out")
         try:
             server.manager.check_capacity()
             if body.portrait_id is None:
@@ -313,8 +350,8 @@ def _add_routes(app: FastAPI, settings: Settings, metrics: ServerMetrics, tts: E
         except PortraitRejected as exc:
             raise ApiError(500, "default_portrait_unusable", f"the bundled portrait cannot be used: {exc}") from None
         base = f"/v1/sessions/{live.id}"
-        return SessionCreated(session_id=live.id, token=live.token, offer_url=f"{base}/offer",
-                              events_url=f"{base}/events", ice_servers=[])
+        return SessionCreated(session_id=live.id, token=live.token, generator=settings.generator, fps=live.fps,
+                              offer_url=f"{base}/offer", events_url=f"{base}/events", ice_servers=[])
 
     @app.post(
         "/v1/sessions/{session_id}/offer", response_model=SdpAnswer,

@@ -316,22 +316,24 @@ class AvatarClient:
         self,
         portrait_id: str | None = None,
         motion: dict[str, float] | None = None,
-        fps: float = 25,
-        generator: str = "animator",
+        fps: float | None = None,
+        generator: str | None = None,
     ) -> SessionInfo:
         """Start a session on ``portrait_id`` (None: the server's bundled portrait)
-        with ``motion`` ``{"face": f, "body": f}`` (each in [0, 1], default 0.5)
-        and ``fps`` (10..60). Returns and keeps its SessionInfo."""
+        with ``motion`` ``{"face": f, "body": f}`` (each in [0, 1], default 0.5),
+        ``fps`` (10..60; None: the generator's own) and ``generator`` (None: the
+        server's). Returns and keeps its SessionInfo."""
         if self.session is not None:
             raise RuntimeError("this client already has a session; use one client per session")
-        body: dict[str, Any] = {"generator": generator, "fps": fps,
-                                "motion": motion or {"face": 0.5, "body": 0.5}}
-        if portrait_id is not None:
-            body["portrait_id"] = portrait_id
+        body: dict[str, Any] = {"motion": motion or {"face": 0.5, "body": 0.5}}
+        for name, value in (("portrait_id", portrait_id), ("fps", fps), ("generator", generator)):
+            if value is not None:
+                body[name] = value
         answer = (await self._request("POST", "/v1/sessions", headers=self._api_headers, json=body)).json()
         self.session = SessionInfo(
             session_id=answer["session_id"], token=answer["token"], offer_url=answer["offer_url"],
-            events_url=answer["events_url"], ice_servers=list(answer.get("ice_servers") or []), fps=float(fps),
+            events_url=answer["events_url"], ice_servers=list(answer.get("ice_servers") or []),
+            fps=float(answer["fps"]),
         )
         return self.session
 

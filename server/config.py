@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PORTRAIT = REPO_ROOT / "assets" / "portrait.png"
+#: AVATAR_GENERATOR values (the names ``SessionCreate.generator`` accepts).
+GENERATORS = ("animator", "fantasytalking", "fantasytalking-tiny")
 
 
 class SettingsError(ValueError):
@@ -45,7 +47,16 @@ class Settings:
     cached. ws_max_messages_per_s [AVATAR_WS_RATE]: WebSocket messages accepted
     per second per connection. say_max_chars [AVATAR_SAY_MAX_CHARS]: longest
     text of a ``say`` message. default_portrait [AVATAR_DEFAULT_PORTRAIT]: image
-    used when a session names no portrait.
+    used when a session names no portrait. generator_processes
+    [AVATAR_GENERATOR_PROCESSES, 1 or 0]: run each session's generator in a
+    worker process of its own (CPU generators: sessions then do not queue on
+    one interpreter lock). generator [AVATAR_GENERATOR]: what every session runs,
+    one of GENERATORS: ``animator`` (CPU face rig), ``fantasytalking`` (the
+    diffusion model; needs ``weights``), ``fantasytalking-tiny`` (the same model
+    on tiny random networks, for smoke tests); the fantasytalking generators run
+    in the server process whatever generator_processes says (all sessions share
+    one loaded model). weights [AVATAR_WEIGHTS]: the local FantasyTalking
+    weights directory, required with ``fantasytalking``.
     """
 
     host: str = "127.0.0.1"
@@ -64,6 +75,9 @@ class Settings:
     ws_max_messages_per_s: int = 200
     say_max_chars: int = 1000
     default_portrait: Path = field(default=DEFAULT_PORTRAIT)
+    generator: str = "animator"
+    weights: Path | None = None
+    generator_processes: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -71,6 +85,12 @@ class Settings:
         variables keep their defaults. Raises SettingsError for a bad value."""
         env = _Env(os.environ if environ is None else environ)
         defaults = cls()
+        generator = env.choice("AVATAR_GENERATOR", defaults.generator, GENERATORS)
+        weights_text = env.text("AVATAR_WEIGHTS", None)
+        if generator == "fantasytalking" and weights_text is None:
+            raise SettingsError("AVATAR_WEIGHTS must name the FantasyTalking weights directory "
+                                "when AVATAR_GENERATOR=fantasytalking")
+        weights = None if weights_text is None else Path(weights_text)
         return cls(
             host=env.text("AVATAR_HOST", defaults.host),
             port=env.integer("AVATAR_PORT", defaults.port, 0, 65535),
@@ -89,6 +109,9 @@ class Settings:
             ws_max_messages_per_s=env.integer("AVATAR_WS_RATE", defaults.ws_max_messages_per_s, 1, 100_000),
             say_max_chars=env.integer("AVATAR_SAY_MAX_CHARS", defaults.say_max_chars, 1, 100_000),
             default_portrait=Path(env.text("AVATAR_DEFAULT_PORTRAIT", str(defaults.default_portrait))),
+            generator_processes=env.flag("AVATAR_GENERATOR_PROCESSES", defaults.generator_processes),
+            generator=generator,
+            weights=weights,
         )
 
 
@@ -106,9 +129,25 @@ class _Env:
         raw = self._raw(name)
         return default if raw is None else raw
 
+    def choice(self, name: str, default: str, accepted: tuple[str, ...]) -> str:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if raw not in accepted:
+            raise SettingsError(f"{name} must be one of {', '.join(accepted)}, got {raw!r}")
+        return raw
+
     def items(self, name: str) -> tuple[str, ...]:
         raw = self._raw(name)
         return () if raw is None else tuple(item.strip() for item in raw.split(",") if item.strip())
+
+    def flag(self, name: str, default: bool) -> bool:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if raw.lower() not in ("0", "1", "true", "false"):
+            raise SettingsError(f"{name} must be 1 or 0 (true or false), got {raw!r}")
+        return raw.lower() in ("1", "true")
 
     def integer(self, name: str, default: int, low: int, high: int) -> int:
         raw = self._raw(name)

@@ -61,12 +61,14 @@ class Motion(_Strict):
 
 class SessionCreate(_Strict):
     """Request for a new session. ``portrait_id`` None: the bundled portrait.
-    ``fps``: frames per second in [10, 60]."""
+    ``generator``: must be the server's (AVATAR_GENERATOR); None: the server's.
+    ``fps``: frames per second in [10, 60]; None: the generator's own (25 for the
+    animator, 23 for fantasytalking)."""
 
     portrait_id: Sha256Hex | None = None
-    generator: Literal["animator"] = "animator"
+    generator: Literal["animator", "fantasytalking", "fantasytalking-tiny"] | None = None
     motion: Motion = Motion()
-    fps: float = Field(25.0, ge=MIN_FPS, le=MAX_FPS)
+    fps: float | None = Field(None, ge=MIN_FPS, le=MAX_FPS)
 
 
 class IceServer(BaseModel):
@@ -79,10 +81,14 @@ class IceServer(BaseModel):
 
 class SessionCreated(BaseModel):
     """A new session. ``token`` authorises the offer, events and delete calls
-    (256 random bits, URL-safe base64); the URLs are paths on this server."""
+    (256 random bits, URL-safe base64); the URLs are paths on this server;
+    ``generator``: the server's generator (AVATAR_GENERATOR); ``fps``: the
+    session's frame rate."""
 
     session_id: str
     token: str
+    generator: str
+    fps: float
     offer_url: str
     events_url: str
     ice_servers: list[IceServer]

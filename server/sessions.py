@@ -14,13 +14,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
+from threadpoolctl import threadpool_limits
+
 from avatar.clock import Clock
 from avatar.frames import PlaybackStarted, SessionState, StateChanged
+from avatar.generator_process import ProcessGenerator, start_fork_server
 from avatar.session import AvatarSession
 from model.base import Generator, MotionSettings, PreparedPortrait
 from server.config import Settings
@@ -67,7 +71,7 @@ class LiveSession:
         *,
         clock: Clock,
         portrait_id: str,
-        generator_name: str,
+        generator: Generator,
         motion: MotionSettings,
         store: SessionStore,
         metrics: ServerMetrics,
@@ -81,7 +85,8 @@ class LiveSession:
         self.motion = motion
         self.fps = avatar.fps
         self.portrait_id = portrait_id
-        self.generator_name = generator_name
+        self.generator_name = generator.name
+        self._generator = generator
         self.state = SessionState.IDLE
         self._store = store
         self._metrics = metrics
@@ -189,6 +194,10 @@ class LiveSession:
         await self.avatar.aclose()  # also ends the monitor's event subscription
         await asyncio.gather(self._monitor, return_exceptions=True)
         try:
+            await asyncio.to_thread(self._generator.close)
+        except Exception:
+            logger.exception("closing the generator of session %s failed", self.id[:8])
+        try:
             await self._store.delete_session(self.id)
         except StoreUnavailable as exc:
             logger.warning("session %s record not removed (it expires by itself): %s", self.id[:8], exc)
@@ -255,7 +264,22 @@ class SessionManager:
         self._monotonic = monotonic
         self._sessions: dict[str, LiveSession] = {}
         self._reserved = 0
+        # Sessions run side by side, each generate call on one BLAS thread: idle
+        # OpenBLAS workers spin between the animator's small per-frame calls and
+        # cost nearly a core per process (bench: 1.34 -> 0.44 cores per session).
+        threadpool_limits(limits=1, user_api="blas")
         self._store_warned = False
+        if settings.generator_processes:
+            generator_module = getattr(generator_factory, "__module__", None) or __name__
+            threading.Thread(target=start_fork_server, args=(generator_module,), name="fork-server-start",
+                             daemon=True).start()
+
+    def _new_generator(self) -> Generator:
+        """A session's generator: in a worker process when the settings say so
+        (blocking: the first one starts the fork server)."""
+        if self._settings.generator_processes:
+            return ProcessGenerator(self._generator_factory)
+        return self._generator_factory()
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -280,15 +304,19 @@ class SessionManager:
         self.check_capacity()
         self._reserved += 1  # hold the slot across the awaits below
         try:
-            generator = self._generator_factory()
-            clock = self._clock_factory()
-            avatar = AvatarSession(generator, prepared, fps=fps, motion=motion, clock=clock)
-            await avatar.start()
+            generator = await asyncio.to_thread(self._new_generator)
+            try:
+                clock = self._clock_factory()
+                avatar = AvatarSession(generator, prepared, fps=fps, motion=motion, clock=clock)
+                await avatar.start()
+            except BaseException:
+                generator.close()
+                raise
             live = LiveSession(
                 avatar,
                 clock=clock,
                 portrait_id=portrait_id,
-                generator_name=generator.name,
+                generator=generator,
                 motion=motion,
                 store=self._store,
                 metrics=self._metrics,

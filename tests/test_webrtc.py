@@ -1,4 +1,4 @@
-"""WebRTC media (server/webrtc.py): one media clock for both tracks, pacing,
+"""WebRTC media (server/webrtc.py, media_tracks.py, microphone.py): one media clock for both tracks, pacing,
 interrupt flushing, the microphone's turn detection, and real aiortc peers over
 loopback (host candidates pinned to 127.0.0.1, no STUN).
 
@@ -22,20 +22,18 @@ from avatar.clock import VirtualClock
 from avatar.frames import AudioChunk, AvatarFrame, SessionState, StateChanged, VideoFrame
 from avatar.session import AvatarSession
 from model.base import Generator, PreparedPortrait, frame_start_sample
-from server.webrtc import (
+from server.media_tracks import (
     PACKET_SAMPLES,
     AvatarAudioTrack,
     AvatarVideoTrack,
     MediaFeeder,
     MediaPacer,
-    MediaPeer,
-    MicrophoneInput,
     Packetizer,
     Upsampler3x,
-    VadSettings,
-    pin_ice_host_addresses,
     video_pts,
 )
+from server.microphone import MicrophoneInput, VadSettings
+from server.webrtc import MediaPeer, pin_ice_host_addresses
 
 RATE = 16000
 # Received int16 audio quieter than this is silence (Opus leaves a little noise).
@@ -514,6 +512,22 @@ async def test_remote_close_calls_on_closed_once_and_local_close_never(media_liv
     await other.close()
     await receiver.close()
     assert again.reasons == []
+
+
+async def test_a_peer_that_never_connects_ends_as_ice_failed(media_live):
+    avatar, _, _ = media_live
+    closed = ClosedCalls()
+    peer = MediaPeer(avatar, on_closed=closed, fps=avatar.fps, connect_timeout_s=0.5)
+    client = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    client.addTransceiver("video", direction="recvonly")
+    await client.setLocalDescription(await client.createOffer())
+    await client.close()  # its candidates now point at a closed socket: no check can succeed
+    try:
+        await peer.answer(client.localDescription.sdp)
+        await asyncio.wait_for(closed.called.wait(), timeout=10.0)
+        assert closed.reasons == ["ice_failed"] and not peer.connected
+    finally:
+        await peer.close()
 
 
 async def test_generator_failure_ends_the_media_with_on_closed(media_loopback_ice):
