@@ -161,6 +161,18 @@ class Generator(ABC):
         the default does nothing."""
 
 
+def check_prepared_by(prepared: PreparedPortrait, generator: Generator) -> None:
+    """Raise ValueError unless ``prepared.meta`` names ``generator``'s name and
+    version: assets of another generator, or of another version of this one,
+    do not fit its per-frame path."""
+    made_by = (prepared.meta.get("generator"), prepared.meta.get("version"))
+    if made_by != (generator.name, generator.version):
+        raise ValueError(
+            f"prepared portrait comes from generator {made_by[0]!r} version {made_by[1]!r}, not "
+            f"{generator.name!r} version {generator.version!r}; prepare the image again with this generator"
+        )
+
+
 def clip_windows(audio: np.ndarray, generator: Generator, fps: float | None = None,
                  window_frames: int | None = None) -> Iterator[AudioWindow]:
     """The AudioWindows of a whole clip, in order, as the session engine cuts them.

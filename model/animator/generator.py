@@ -21,7 +21,7 @@ from model.animator.prepare import prepare_portrait
 from model.animator.renderer import FaceRenderer, Pose
 from model.animator.rig import LOCAL_BASES
 from model.animator.visemes import VisemeState, mouth_shape
-from model.base import AudioWindow, Generator, MotionSettings, PreparedPortrait
+from model.base import AudioWindow, Generator, MotionSettings, PreparedPortrait, check_prepared_by
 
 logger = logging.getLogger(__name__)
 
@@ -76,12 +76,7 @@ class CpuAnimator(Generator):
         entry = self._renderers.get(key)
         if entry is not None and entry[0]() is prepared:
             return entry[1]
-        made_by = (prepared.meta.get("generator"), prepared.meta.get("version"))
-        if made_by != (self.name, self.version):
-            raise ValueError(
-                f"prepared portrait comes from generator {made_by[0]!r} version {made_by[1]!r}, not "
-                f"{self.name!r} version {self.version!r}; prepare the image again with this generator"
-            )
+        check_prepared_by(prepared, self)
         self._renderers = {k: v for k, v in self._renderers.items() if v[0]() is not None}
         renderer = FaceRenderer(prepared)
         self._renderers[key] = (weakref.ref(prepared), renderer)

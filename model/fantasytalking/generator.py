@@ -28,7 +28,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.base import AUDIO_SAMPLE_RATE, AudioWindow, Generator, MotionSettings, PreparedPortrait, frame_start_sample
+from model.base import (
+    AUDIO_SAMPLE_RATE,
+    AudioWindow,
+    Generator,
+    MotionSettings,
+    PreparedPortrait,
+    check_prepared_by,
+    frame_start_sample,
+)
 from model.errors import WeightsError
 from model.fantasytalking.conditioning import (
     NEGATIVE_PROMPT,
@@ -210,12 +218,7 @@ class FantasyTalkingGenerator(Generator):
         entry = self._assets.get(key)
         if entry is not None and entry[0]() is prepared:
             return entry[1]
-        made_by = (prepared.meta.get("generator"), prepared.meta.get("version"))
-        if made_by != (self.name, self.version):
-            raise ValueError(
-                f"prepared portrait comes from generator {made_by[0]!r} version {made_by[1]!r}, not "
-                f"{self.name!r} version {self.version!r}; prepare the image again with this generator"
-            )
+        check_prepared_by(prepared, self)
         device, dtype = self.models.device, self.models.dtype
         arrays = prepared.arrays
         identity = arrays.get("identity_tokens")
