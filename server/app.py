@@ -376,7 +376,9 @@ def _add_routes(app: FastAPI, settings: Settings, metrics: ServerMetrics, tts: E
             webrtc_ready = True
         manager = _server(request).manager
         try:
-            answer = await manager.connect_peer(live, body.sdp, webrtc.MediaPeer)
+            answer = await manager.connect_peer(
+                live, body.sdp, functools.partial(webrtc.MediaPeer, connect_timeout_s=settings.ice_timeout_s)
+            )
         except PeerConflict:
             raise ApiError(409, "peer_connected", "a media peer is already connected to this session") from None
         except ValueError as exc:

@@ -43,6 +43,8 @@ class Settings:
     max_pixels [AVATAR_MAX_PIXELS]: largest width x height of a portrait.
     ice_host_addresses [AVATAR_ICE_HOST_ADDRESSES]: comma list of addresses
     offered as ICE host candidates (empty: aioice's own choice).
+    ice_timeout_s [AVATAR_ICE_TIMEOUT_S]: seconds a media connection may take
+    after the answer before the session ends as ICE failed.
     portrait_ttl_s [AVATAR_PORTRAIT_TTL_S]: seconds a prepared portrait stays
     cached. ws_max_messages_per_s [AVATAR_WS_RATE]: WebSocket messages accepted
     per second per connection. say_max_chars [AVATAR_SAY_MAX_CHARS]: longest
@@ -71,6 +73,7 @@ class Settings:
     max_upload_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 25_000_000
     ice_host_addresses: tuple[str, ...] = ()
+    ice_timeout_s: float = 15.0
     portrait_ttl_s: float = 86400.0
     ws_max_messages_per_s: int = 200
     say_max_chars: int = 1000
@@ -105,6 +108,7 @@ class Settings:
             # Up to PIL's own decompression-bomb threshold, which the header check relies on.
             max_pixels=env.integer("AVATAR_MAX_PIXELS", defaults.max_pixels, 16_384, Image.MAX_IMAGE_PIXELS),
             ice_host_addresses=env.items("AVATAR_ICE_HOST_ADDRESSES"),
+            ice_timeout_s=env.number("AVATAR_ICE_TIMEOUT_S", defaults.ice_timeout_s, 1.0, 300.0),
             portrait_ttl_s=env.number("AVATAR_PORTRAIT_TTL_S", defaults.portrait_ttl_s, 1.0, 365 * 86400.0),
             ws_max_messages_per_s=env.integer("AVATAR_WS_RATE", defaults.ws_max_messages_per_s, 1, 100_000),
             say_max_chars=env.integer("AVATAR_SAY_MAX_CHARS", defaults.say_max_chars, 1, 100_000),

@@ -35,7 +35,8 @@ from server.microphone import MicrophoneInput, VadSettings
 
 logger = logging.getLogger(__name__)
 
-#: Seconds a media peer may take to connect after its answer before it counts as ICE failed.
+#: Seconds a media peer may take to connect after its answer before it counts as ICE
+#: failed (the server's default; AVATAR_ICE_TIMEOUT_S sets it).
 CONNECT_TIMEOUT_S = 15.0
 
 

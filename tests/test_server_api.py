@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import json
 import struct
 import zlib
 
@@ -348,6 +349,28 @@ async def test_offer_connects_a_webrtc_client_and_delete_closes_it(app_with, ser
             assert deleted.status_code == 204 and not live.peer.connected
         finally:
             await client.close()
+
+
+async def test_ice_failure_ends_the_session_and_tells_the_client(app_with, server_running, media_loopback_ice):
+    from aiortc import RTCConfiguration, RTCPeerConnection
+
+    async with server_running(app_with(ice_timeout_s=0.5)) as srv:
+        session = await new_session(srv)
+        client = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        client.addTransceiver("video", direction="recvonly")
+        await client.setLocalDescription(await client.createOffer())
+        await client.close()  # its candidates now point at a closed socket: no check can succeed
+        async with websockets.connect(srv.ws_url(f"{session['events_url']}?token={session['token']}")) as ws:
+            response = await srv.http.post(session["offer_url"], json={"sdp": client.localDescription.sdp,
+                                                                      "type": "offer"},
+                                           headers=bearer(session["token"]))
+            assert response.status_code == 200, response.text
+            ended = [event for event in map(json.loads, [m async for m in ws])
+                     if event.get("type") == "error" and event["code"] == "session_ended"]
+        assert len(ended) == 1 and "ice_failed" in ended[0]["message"]
+        assert ws.close_code == 1000 and srv.manager.get(session["session_id"]) is None
+        gone = await srv.http.delete(f"/v1/sessions/{session['session_id']}", headers=bearer(session["token"]))
+        assert gone.status_code == 404
 
 
 # -- health, metrics, errors, static files ------------------------------------------
