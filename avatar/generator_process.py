@@ -17,13 +17,13 @@ state in, frames and state out (about 1.5 MB for two 512x512 frames).
 """
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
 import logging
 import multiprocessing
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import forkserver, spawn
+from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
@@ -36,30 +36,32 @@ logger = logging.getLogger(__name__)
 #: Environment variable telling the fork server the main script's path (see avatar.fork_server).
 FORK_SERVER_MAIN_ENV = "AVATAR_FORK_SERVER_MAIN"
 
-# In a worker process: its generator and the prepared portraits it was sent, by key.
-_worker_generator: Generator | None = None
-_worker_portraits: dict[int, PreparedPortrait] = {}
+class GeneratorProcessDied(RuntimeError):
+    """The worker process ended while a window was asked of it."""
 
 
-def _start_worker(factory: Callable[[], Generator]) -> None:
-    global _worker_generator
+def _serve(conn: Connection, factory: Callable[[], Generator]) -> None:
+    """The worker's loop: ``(prepared or None, window, motion, state)`` in, ``("ok",
+    (frames, state))`` or ``("error", exception)`` out, until ``None`` or the pipe closes."""
     # One BLAS thread: idle OpenBLAS workers spin between small calls and would
     # take a core from the other sessions.
     threadpool_limits(limits=1, user_api="blas")
-    _worker_generator = factory()
-
-
-def _generate_in_worker(
-    key: int, prepared: PreparedPortrait | None, window: AudioWindow, motion: MotionSettings, state: Any
-) -> tuple[np.ndarray, Any]:
-    if prepared is not None:
-        _worker_portraits.clear()  # a session uses one portrait: keep only the newest
-        _worker_portraits[key] = prepared
-    return _worker_generator.generate(_worker_portraits[key], window, motion, state)
-
-
-def _ready() -> bool:
-    return _worker_generator is not None
+    generator = factory()
+    portrait: PreparedPortrait | None = None
+    while True:
+        try:
+            request = conn.recv()
+        except EOFError:
+            return
+        if request is None:
+            return
+        sent, window, motion, state = request
+        portrait = sent if sent is not None else portrait
+        try:
+            reply = ("ok", generator.generate(portrait, window, motion, state))
+        except Exception as exc:  # the caller re-raises it
+            reply = ("error", exc)
+        conn.send(reply)
 
 
 def _configure_fork_server(preload: Sequence[str]) -> multiprocessing.context.BaseContext:
@@ -86,12 +88,13 @@ class ProcessGenerator(Generator):
 
     ``factory``: a picklable callable (a Generator class, or a
     ``functools.partial`` of one) called once here, for the class attributes
-    and ``prepare``, and once in the worker. ``preload``: modules the fork
+    and ``prepare``, and once in the worker (one process, one pipe: the caller's
+    thread waits in ``recv`` without the interpreter lock). ``preload``: modules the fork
     server imports once (default: ``factory``'s module), besides the main
     module and this one (see ``avatar.fork_server``). The worker starts at
     construction, so it is ready before the first window. ``generate`` blocks
     the calling thread (not the interpreter) until the worker answers; a worker
-    that died raises BrokenProcessPool, and the next call starts a new one.
+    that died raises GeneratorProcessDied, and the next call starts a new one.
     Call ``close`` when the session ends. Intended for CPU generators; a GPU
     model shared by sessions should stay in one process.
     """
@@ -105,16 +108,30 @@ class ProcessGenerator(Generator):
         self.context_frames = local.context_frames
         self._factory = factory
         self._context = _configure_fork_server(preload or [type(local).__module__])
+        self._conn: Connection | None = None
+        self._process: multiprocessing.process.BaseProcess | None = None
         self._sent: PreparedPortrait | None = None
-        self._executor = self._start()
+        self._closed = False
+        self._start()
 
-    def _start(self) -> concurrent.futures.ProcessPoolExecutor:
-        executor = concurrent.futures.ProcessPoolExecutor(
-            max_workers=1, mp_context=self._context, initializer=_start_worker, initargs=(self._factory,)
-        )
-        executor.submit(_ready)  # start the worker now rather than at the first window
+    def _start(self) -> None:
+        self._conn, child = self._context.Pipe()
+        self._process = self._context.Process(target=_serve, args=(child, self._factory), daemon=True,
+                                              name=f"generator-{self.name}")
+        self._process.start()
+        child.close()
         self._sent = None
-        return executor
+
+    def _stop(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(OSError):
+                self._conn.send(None)
+            self._conn.close()
+        if self._process is not None:
+            self._process.join(timeout=1.0)
+            if self._process.is_alive():
+                self._process.kill()
+        self._conn = self._process = None
 
     def prepare(self, image: np.ndarray) -> PreparedPortrait:
         """As the wrapped generator's ``prepare`` (run in this process)."""
@@ -124,25 +141,28 @@ class ProcessGenerator(Generator):
         self, prepared: PreparedPortrait, window: AudioWindow, motion: MotionSettings, state: Any | None
     ) -> tuple[np.ndarray, Any]:
         """As the wrapped generator's ``generate``, run in the worker process.
-        Raises what it raises, BrokenProcessPool when the worker died, and
-        RuntimeError after ``close``."""
-        if self._executor is None:
+        Raises what it raises, GeneratorProcessDied when the worker died (the
+        next call starts a new one), and RuntimeError after ``close``. One
+        caller at a time (the session engine's generation thread)."""
+        if self._closed:
             raise RuntimeError("the generator process was closed")
-        send = None if prepared is self._sent else prepared
         try:
-            frames, new_state = self._executor.submit(
-                _generate_in_worker, id(prepared), send, window, motion, state
-            ).result()
-        except BrokenProcessPool:
+            self._conn.send((None if prepared is self._sent else prepared, window, motion, state))
+            status, value = self._conn.recv()
+        except (EOFError, OSError) as exc:
+            if self._closed:
+                raise RuntimeError("the generator process was closed") from None
             logger.error("generator worker process died; starting a new one")
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = self._start()
-            raise
+            self._stop()
+            self._start()
+            raise GeneratorProcessDied(f"the {self.name} worker process died: {type(exc).__name__}") from None
         self._sent = prepared
-        return frames, new_state
+        if status == "error":
+            raise value
+        return value
 
     def close(self) -> None:
         """Stop the worker process. Idempotent."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        if not self._closed:
+            self._closed = True
+            self._stop()

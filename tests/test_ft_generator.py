@@ -21,6 +21,7 @@ from model.fantasytalking import generator as generator_module
 from model.fantasytalking.audio_features import split_audio_windows
 from model.fantasytalking.config import FantasyTalkingConfig
 from model.fantasytalking.generator import CONTEXT_FEATURES, FantasyTalkingGenerator
+from model.fantasytalking.speed import apply_speed_levers
 from model.fantasytalking.vae_stream import frames_to_uint8
 from model.portrait import load_portrait
 
@@ -316,10 +317,15 @@ async def test_three_windows_through_the_session_engine(generator, prepared, spe
 
 
 def test_group_offload_and_bfloat16_run_and_keep_the_fp32_modules(prepared, speech, monkeypatch):
-    window = windows_of(make_generator(), speech)[1]
-    plain = sampled_latents(make_generator(), prepared, window, monkeypatch)
-    offloaded = sampled_latents(make_generator(group_offload=True), prepared, window, monkeypatch)
-    torch.testing.assert_close(offloaded, plain, rtol=1e-5, atol=1e-5)  # CPU to CPU: the same model
+    generator = make_generator()
+    window = windows_of(generator, speech)[1]
+    plain = sampled_latents(generator, prepared, window, monkeypatch)
+    # The same networks, their Wan blocks now group-offloaded (CPU to CPU): the same latents.
+    apply_speed_levers(generator.models.transformer, dataclasses.replace(CONFIG, group_offload=True),
+                       torch.device("cpu"))
+    assert generator.models.transformer.wan.blocks[0]._diffusers_hook.get_hook("group_offloading") is not None
+    offloaded = sampled_latents(generator, prepared, window, monkeypatch)
+    torch.testing.assert_close(offloaded, plain, rtol=1e-5, atol=1e-5)
     half = make_generator(dtype="bfloat16")
     wan = half.models.transformer.wan
     assert wan.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import functools
 import os
-from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import pytest
 
-from avatar.generator_process import ProcessGenerator
+from avatar.generator_process import GeneratorProcessDied, ProcessGenerator
 from model.animator import CpuAnimator
 from model.base import Generator, MotionSettings, PreparedPortrait, clip_windows
 from model.portrait import load_portrait
@@ -73,7 +72,7 @@ def test_a_dead_worker_fails_one_window_then_a_new_worker_goes_on(tmp_path):
         windows = list(clip_windows(np.zeros(16000, np.float32), generator))
         frames, state = generator.generate(prepared, windows[0], MotionSettings(), None)
         assert int(frames[0, 0, 0, 0]) == 7 and state == 1
-        with pytest.raises(BrokenProcessPool):
+        with pytest.raises(GeneratorProcessDied):
             generator.generate(prepared, windows[1], MotionSettings(), state)
         frames, state = generator.generate(prepared, windows[1], MotionSettings(), state)
         assert int(frames[0, 0, 0, 0]) == 7 + 2 and state == 2  # the portrait was sent to the new worker
