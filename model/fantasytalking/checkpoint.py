@@ -33,6 +33,7 @@ sizes). Motion file: ``MotionIntensityEmbedding`` parameters; metadata ``hidden_
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,19 @@ def adapter_key_map(num_blocks: int) -> dict[str, str]:
     return names
 
 
+def check_keys(found: Collection[str], expected: Collection[str], source: str) -> None:
+    """Raise WeightsError naming the first key of ``found`` not in ``expected``
+    (with an expected key as an example), or the keys of ``expected`` missing from
+    ``found`` (the first five, and how many more)."""
+    for key in found:
+        if key not in expected:
+            raise WeightsError(f"unexpected key {key!r} in {source}; expected keys like {next(iter(expected))!r}")
+    missing = [key for key in expected if key not in found]
+    if missing:
+        raise WeightsError(f"missing key{'s' if len(missing) > 1 else ''} in {source}: {', '.join(missing[:5])}"
+                           + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+
+
 def load_exact(module: nn.Module, tensors: dict[str, Tensor], names: dict[str, str], source: str) -> int:
     """Copy ``tensors`` into ``module``'s parameters, key by key: ``names`` maps every file
     key to a parameter name. All keys are checked before anything is copied.
@@ -172,13 +186,7 @@ def load_exact(module: nn.Module, tensors: dict[str, Tensor], names: dict[str, s
     Returns the number of tensors loaded (= len(names)). Raises WeightsError naming the
     first unexpected key, the missing keys, or a key whose shape differs (both shapes).
     """
-    for key in tensors:
-        if key not in names:
-            raise WeightsError(f"unexpected key {key!r} in {source}; expected keys like {next(iter(names))!r}")
-    missing = [key for key in names if key not in tensors]
-    if missing:
-        raise WeightsError(f"missing key{'s' if len(missing) > 1 else ''} in {source}: {', '.join(missing[:5])}"
-                           + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    check_keys(tensors, names, source)
     params = dict(module.named_parameters())
     for key, name in names.items():
         if tuple(tensors[key].shape) != tuple(params[name].shape):
@@ -283,13 +291,7 @@ def load_original_wan(shards: list[Path], config_dir: Path, dtype: torch.dtype) 
     config = WanTransformer3DModel.load_config(config_dir, subfolder="transformer", local_files_only=True)
     with torch.device("meta"):
         expected = WanTransformer3DModel.from_config(config).state_dict()
-    for key in converted:
-        if key not in expected:
-            raise WeightsError(f"unexpected key {key!r} (diffusers name) in the original-format DiT {shards[0].parent}")
-    missing = [key for key in expected if key not in converted]
-    if missing:
-        raise WeightsError(f"missing key {missing[0]!r} (diffusers name) in the original-format DiT {shards[0].parent}"
-                           f" ({len(missing)} missing)")
+    check_keys(converted, expected, f"the original-format DiT {shards[0].parent} (keys by their diffusers names)")
     logger.info("DiT: original format from %d shard(s) in %s", len(shards), shards[0].parent)
     return WanTransformer3DModel.from_single_file(
         converted, config=str(config_dir), subfolder="transformer", torch_dtype=dtype, local_files_only=True
@@ -298,12 +300,8 @@ def load_original_wan(shards: list[Path], config_dir: Path, dtype: torch.dtype) 
 
 def fuse_lora(wan: nn.Module, path: Path) -> int:
     """Load a Wan LoRA with diffusers' LoRA loader (original or diffusers naming), fuse it
-    into the DiT's weights and drop the adapter layers. Returns the LoRA tensors read.
-    Raises WeightsError when peft (diffusers' LoRA backend) is not installed."""
-    try:
-        import peft  # noqa: F401
-    except ImportError as exc:
-        raise WeightsError(f"{path} needs peft for diffusers' LoRA loader: pip install peft") from exc
+    into the DiT's weights and drop the adapter layers (diffusers' LoRA backend is peft,
+    a dependency of this project). Returns the LoRA tensors read."""
     from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
 
     state = WanLoraLoaderMixin.lora_state_dict(str(path))
