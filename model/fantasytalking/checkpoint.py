@@ -300,8 +300,12 @@ def load_original_wan(shards: list[Path], config_dir: Path, dtype: torch.dtype) 
 
 def fuse_lora(wan: nn.Module, path: Path) -> int:
     """Load a Wan LoRA with diffusers' LoRA loader (original or diffusers naming), fuse it
-    into the DiT's weights and drop the adapter layers (diffusers' LoRA backend is peft,
-    a dependency of this project). Returns the LoRA tensors read."""
+    into the DiT's weights and drop the adapter layers. Returns the LoRA tensors read.
+    Raises WeightsError when peft (diffusers' LoRA backend) is not installed."""
+    try:
+        import peft  # noqa: F401
+    except ImportError as exc:
+        raise WeightsError(f"{path} needs peft for diffusers' LoRA loader: pip install peft") from exc
     from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
 
     state = WanLoraLoaderMixin.lora_state_dict(str(path))
