@@ -11,9 +11,11 @@ Workers are forked from multiprocessing's fork server, which starts once as a
 fresh interpreter with the generator modules imported (``preload``): a new
 session's worker starts in tens of milliseconds and never inherits the
 server's threads (forking a threaded process can hang in OpenBLAS or uvloop
-at-fork handlers). Arguments and results cross the pipe pickled: a prepared
+at-fork handlers). Arguments and states cross the pipe pickled: a prepared
 portrait once per worker, then per window the AudioWindow, MotionSettings and
-state in, frames and state out (about 1.5 MB for two 512x512 frames).
+state in, the new state out. Frames (1.5 MB for a window of two 512x512
+frames) come back through a shared buffer (``avatar.shared_frames``), which
+costs a tenth of pickling them through the pipe.
 """
 from __future__ import annotations
 
@@ -21,14 +23,17 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import threading
 from collections.abc import Callable, Sequence
-from multiprocessing import forkserver, spawn
+from multiprocessing import forkserver, reduction, spawn
 from multiprocessing.connection import Connection
 from typing import Any
 
+import cv2
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from avatar.shared_frames import SharedFrames
 from model.base import AudioWindow, Generator, MotionSettings, PreparedPortrait
 
 logger = logging.getLogger(__name__)
@@ -42,12 +47,19 @@ class GeneratorProcessDied(RuntimeError):
 
 def _serve(conn: Connection, factory: Callable[[], Generator]) -> None:
     """The worker's loop: ``(prepared or None, window, motion, state)`` in, ``("ok",
-    (frames, state))`` or ``("error", exception)`` out, until ``None`` or the pipe closes."""
+    frames, state)`` or ``("error", exception)`` out, until ``None`` or the pipe
+    closes. ``frames`` is ``("shared", layout, new_buffer_size)`` when the frames
+    are in the SharedFrames buffer (a new buffer's file descriptor follows the
+    reply when ``new_buffer_size`` > 0), else the frames themselves."""
     # One BLAS thread: idle OpenBLAS workers spin between small calls and would
-    # take a core from the other sessions.
+    # take a core from the other sessions. One OpenCV thread: its pool splits each
+    # 512x512 remap across the cores and costs more CPU for the same frames (the
+    # animator: 11.7 -> 8.7 ms of CPU a frame), which the other sessions need.
     threadpool_limits(limits=1, user_api="blas")
+    cv2.setNumThreads(1)
     generator = factory()
     portrait: PreparedPortrait | None = None
+    shared: SharedFrames | None = None
     while True:
         try:
             request = conn.recv()
@@ -57,11 +69,24 @@ def _serve(conn: Connection, factory: Callable[[], Generator]) -> None:
             return
         sent, window, motion, state = request
         portrait = sent if sent is not None else portrait
+        new_buffer = None
         try:
-            reply = ("ok", generator.generate(portrait, window, motion, state))
+            frames, state = generator.generate(portrait, window, motion, state)
+            if SharedFrames.available() and isinstance(frames, np.ndarray) and frames.flags.c_contiguous:
+                if shared is None or not shared.fits(frames):
+                    if shared is not None:
+                        shared.close()
+                    shared = new_buffer = SharedFrames.create(frames.nbytes)
+                frames = ("shared", shared.write(frames), new_buffer.size if new_buffer else 0)
+            reply = ("ok", frames, state)
         except Exception as exc:  # the caller re-raises it
             reply = ("error", exc)
-        conn.send(reply)
+        try:
+            conn.send(reply)
+            if new_buffer is not None:
+                reduction.send_handle(conn, new_buffer.fd, None)  # the pid is unused on Unix
+        except OSError:  # the session closed while this window was generated: nobody waits for it
+            return
 
 
 def _configure_fork_server(preload: Sequence[str]) -> multiprocessing.context.BaseContext:
@@ -110,7 +135,14 @@ class ProcessGenerator(Generator):
         self._context = _configure_fork_server(preload or [type(local).__module__])
         self._conn: Connection | None = None
         self._process: multiprocessing.process.BaseProcess | None = None
+        self._shared: SharedFrames | None = None
         self._sent: PreparedPortrait | None = None
+        # close() may run while a generate call waits on the worker: the send lock
+        # keeps their messages from interleaving on the pipe, and whichever of the
+        # two finishes last releases the pipe and the shared buffer.
+        self._send_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._in_call = False
         self._closed = False
         self._start()
 
@@ -122,16 +154,26 @@ class ProcessGenerator(Generator):
         child.close()
         self._sent = None
 
-    def _stop(self) -> None:
+    def _stop_process(self) -> None:
+        """Ask the worker to exit (it finishes a window in progress first); kill it after 1 s."""
+        conn, process = self._conn, self._process  # a generate call may release them meanwhile
+        if conn is not None:
+            with self._send_lock, contextlib.suppress(OSError):
+                conn.send(None)
+        if process is not None:
+            process.join(timeout=1.0)
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+    def _release(self) -> None:
+        """Close the pipe and unmap the shared buffer (after ``_stop_process``)."""
         if self._conn is not None:
-            with contextlib.suppress(OSError):
-                self._conn.send(None)
-            self._conn.close()
-        if self._process is not None:
-            self._process.join(timeout=1.0)
-            if self._process.is_alive():
-                self._process.kill()
-        self._conn = self._process = None
+            with self._send_lock:
+                self._conn.close()
+        if self._shared is not None:
+            self._shared.close()
+        self._conn = self._process = self._shared = None
 
     def prepare(self, image: np.ndarray) -> PreparedPortrait:
         """As the wrapped generator's ``prepare`` (run in this process)."""
@@ -144,25 +186,56 @@ class ProcessGenerator(Generator):
         Raises what it raises, GeneratorProcessDied when the worker died (the
         next call starts a new one), and RuntimeError after ``close``. One
         caller at a time (the session engine's generation thread)."""
-        if self._closed:
-            raise RuntimeError("the generator process was closed")
+        with self._state_lock:
+            if self._closed:
+                raise RuntimeError("the generator process was closed")
+            self._in_call = True
         try:
-            self._conn.send((None if prepared is self._sent else prepared, window, motion, state))
-            status, value = self._conn.recv()
+            return self._call(prepared, window, motion, state)
+        finally:
+            with self._state_lock:
+                self._in_call = False
+                closed = self._closed
+            if closed:
+                self._release()
+
+    def _call(
+        self, prepared: PreparedPortrait, window: AudioWindow, motion: MotionSettings, state: Any | None
+    ) -> tuple[np.ndarray, Any]:
+        conn = self._conn
+        try:
+            with self._send_lock:
+                conn.send((None if prepared is self._sent else prepared, window, motion, state))
+            status, frames, *rest = conn.recv()
+            if status == "ok" and isinstance(frames, tuple):
+                _, layout, new_size = frames
+                if new_size:
+                    if self._shared is not None:
+                        self._shared.close()
+                    self._shared = SharedFrames(reduction.recv_handle(conn), new_size)
+                frames = self._shared.read(layout)
         except (EOFError, OSError) as exc:
             if self._closed:
                 raise RuntimeError("the generator process was closed") from None
             logger.error("generator worker process died; starting a new one")
-            self._stop()
+            self._stop_process()
+            self._release()
             self._start()
             raise GeneratorProcessDied(f"the {self.name} worker process died: {type(exc).__name__}") from None
         self._sent = prepared
         if status == "error":
-            raise value
-        return value
+            raise frames
+        return frames, rest[0]
 
     def close(self) -> None:
-        """Stop the worker process. Idempotent."""
-        if not self._closed:
+        """Stop the worker process (waiting up to 1 s for a window in progress);
+        safe while another thread is in ``generate``, which then raises
+        RuntimeError. Idempotent."""
+        with self._state_lock:
+            if self._closed:
+                return
             self._closed = True
-            self._stop()
+            busy = self._in_call
+        self._stop_process()
+        if not busy:
+            self._release()

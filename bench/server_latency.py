@@ -20,17 +20,21 @@ the Python client (server/client.py), as an agent would. Measures:
   ``--minutes``, the last 20 s recorded, then ``avatar-eval REC --audio REC``
   (the recording's own audio against its lips; target within +-40 ms);
 * capacity: 1..``--max-sessions`` concurrent 512x512 sessions at 25 fps, all
-  speaking; a level passes when no frame is dropped or late at the server and
-  none is missing at the receivers.
+  speaking; a level passes when no video frame is missing at the receivers
+  (each must arrive complete; ``--decode`` also decodes them) and each receives
+  at least 24.5 fps; late frames at the server are counted too, and the cores
+  used by the server process, the generator workers and the receivers (from
+  /proc, Linux).
 
-The server runs in this process; the clients run in a child process (this
-script with ``--client URL``), so the two do not share one interpreter lock,
-but they share the machine's cores: capacity is a lower bound. Receiver
+The server runs in this process, on uvloop as ``avatar-server`` runs it; the
+clients run in a child process (this script with ``--client URL``), so the two
+do not share one interpreter lock, but they share the machine's cores:
+capacity is a lower bound. Receiver
 figures include aiortc's receive path, whose audio jitter buffer holds 4
 packets (80 ms) before decoding. Server-side late frames come from the
 sessions' ``stats`` events.
 
-    .venv/bin/python bench/server_latency.py [--minutes 1] [--max-sessions 6] [--parts latency,long,capacity]
+    .venv/bin/python bench/server_latency.py [--minutes 1] [--max-sessions 6] [--parts latency,long,capacity] [--decode]
 """
 from __future__ import annotations
 
@@ -39,14 +43,20 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import aiortc.rtcrtpreceiver
+import av
 import numpy as np
 import uvicorn
+from aiortc.codecs.base import Decoder
+from aiortc.mediastreams import VIDEO_TIME_BASE
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -212,6 +222,18 @@ async def speech_onset(client: TimedClient, events, received: Received, clip: np
             "engine": engine_s, "voice": voice[0] - pushed, "voice_media": voice[1]}
 
 
+async def time_to_first_frame(url: str) -> float:
+    """A new session: ``connect()`` called to its first video frame decoded, seconds."""
+    async with AvatarClient(url) as client:
+        await client.create_session(fps=25)
+        received = Received(client)
+        started = asyncio.get_running_loop().time()
+        await client.connect()
+        await asyncio.wait_for(received.first_video.wait(), 10)
+        received.stop()
+        return received.video[0][0] - started
+
+
 async def measure_latencies(url: str, clips: list[np.ndarray], repeats: int) -> dict:
     """Time to first frame; audio-to-lip over ``repeats`` short utterances (with A/V
     at the first one's onset); interrupt latency over ``repeats`` interrupts.
@@ -253,6 +275,8 @@ async def measure_latencies(url: str, clips: list[np.ndarray], repeats: int) -> 
         received.stop()
     return {
         "time_to_first_frame_s": first_frame_s,
+        # Later sessions: the first media session after start also loads the media stack.
+        "later_first_frame_s": [await time_to_first_frame(url) for _ in range(3)],
         "audio_to_lip_s": [o["decoded"] for o in onsets],
         "audio_to_lip_wire_s": [o["wire"] for o in onsets if o["wire"] is not None],
         "audio_to_lip_engine_s": [o["engine"] for o in onsets],
@@ -328,49 +352,146 @@ class LateFrames:
         self._task.cancel()
 
 
-async def measure_capacity(url: str, clips: list[np.ndarray], max_sessions: int, window_s: float) -> list[dict]:
+class CompleteFrames(Decoder):
+    """Stand-in video decoder of the capacity receivers: aiortc's jitter buffer
+    hands it each frame once every RTP packet of it has arrived (what a decoder
+    needs), and it returns a 2x2 frame with that frame's pts instead of decoding
+    VP8, so the receivers, which share this machine's cores with the server, cost
+    less. ``--decode`` keeps aiortc's real decoder."""
+
+    def decode(self, encoded_frame) -> list[av.VideoFrame]:
+        frame = av.VideoFrame(2, 2, "yuv420p")
+        frame.pts, frame.time_base = encoded_frame.timestamp, VIDEO_TIME_BASE
+        return [frame]
+
+
+@contextlib.contextmanager
+def counting_video_receivers():
+    """Receivers of this process that start meanwhile count complete video frames
+    (CompleteFrames) instead of decoding them; audio is decoded as usual."""
+    original = aiortc.rtcrtpreceiver.get_decoder
+
+    def choose(codec):
+        return CompleteFrames() if codec.mimeType.lower().startswith("video/") else original(codec)
+
+    aiortc.rtcrtpreceiver.get_decoder = choose
+    try:
+        yield
+    finally:
+        aiortc.rtcrtpreceiver.get_decoder = original
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of process ``pid`` (all its threads), seconds; None when gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _descendants(root: int) -> set[int]:
+    """Every live process below ``root`` (Linux /proc)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+class CpuShares:
+    """Cores used over a window by the server process (this process's parent),
+    its generator workers (the parent's other descendants) and the receivers
+    (this process and its children). Linux only."""
+
+    def __init__(self) -> None:
+        self._server, self._receivers = os.getppid(), {os.getpid(), *_descendants(os.getpid())}
+        self._start: dict[int, float] = {}
+        self._started = 0.0
+
+    def _groups(self) -> dict[int, str]:
+        groups = {pid: "workers" for pid in _descendants(self._server)}
+        groups.update({pid: "receivers" for pid in self._receivers | _descendants(os.getpid())})
+        groups[self._server] = "server"
+        return groups
+
+    def start(self) -> None:
+        self._start = {pid: _cpu_seconds(pid) for pid in self._groups()}
+        self._started = time.monotonic()
+
+    def stop(self) -> dict[str, float]:
+        """Cores per group since ``start`` (processes alive at both ends)."""
+        elapsed = time.monotonic() - self._started
+        cores = {"server": 0.0, "workers": 0.0, "receivers": 0.0}
+        for pid, group in self._groups().items():
+            before, after = self._start.get(pid), _cpu_seconds(pid)
+            if before is not None and after is not None:
+                cores[group] += (after - before) / elapsed
+        return cores
+
+
+async def measure_capacity(url: str, clips: list[np.ndarray], max_sessions: int, window_s: float,
+                           decode: bool = False) -> list[dict]:
     """For n = 1..max_sessions concurrent speaking sessions: frames missing at the
     receivers (dropped anywhere on the way), late frames at the server, received
-    fps. A level holds (``ok``) with no frame missing at any receiver and at
-    least 24.5 fps received; it is also ``on_time`` with at most LATE_TOLERANCE
-    of the frames handed out late at the server (a late frame is a short stall
-    of the picture). The ramp stops at the first level that does not hold."""
+    fps, and the cores used by the server, its workers and the receivers. A level
+    holds (``ok``) with no frame missing at any receiver and at least 24.5 fps
+    received; it is also ``on_time`` with at most LATE_TOLERANCE of the frames
+    handed out late at the server (a late frame is a short stall of the picture).
+    The receivers check that every video frame arrived complete, decoding it
+    only with ``decode``. The ramp stops at the first level that does not hold."""
     levels = []
     long_speech = np.concatenate(clips * 3)  # about 30 s: every session speaks through the window
-    for n in range(1, max_sessions + 1):
-        clients = [AvatarClient(url) for _ in range(n)]
-        try:
-            for c in clients:
-                await c.create_session(fps=25)
-            receivers = [Received(c) for c in clients]
-            late = [LateFrames(c) for c in clients]
-            for c in clients:
-                await c.connect()
-            await asyncio.sleep(2.0)  # settle: ICE, first keyframes, first stats
-            since = [r.video[-1][1] if r.video else 0.0 for r in receivers]
-            for counter in late:
-                counter.mark()
-            await asyncio.gather(*(push(c, long_speech) for c in clients))
-            await asyncio.sleep(window_s + 1.1)  # the window, and one more stats event to cover it
-            missing = sum(r.missing_video_frames(25.0, s) for r, s in zip(receivers, since))
-            late_frames = sum(counter.since_mark for counter in late)
-            fps = [(len([1 for _, media, _ in r.video if media >= s]) - 1) / max(1e-9, r.video[-1][1] - s)
-                   for r, s in zip(receivers, since)]
-            late_ok = late_frames <= LATE_TOLERANCE * n * window_s * 25
-            no_drops = missing == 0 and min(fps) >= 24.5
-            level = {"sessions": n, "missing": missing, "late": late_frames, "min_fps": min(fps),
-                     "ok": no_drops, "on_time": no_drops and late_ok}
-            levels.append(level)
-            print(f"  {n} session(s): missing at receivers {missing}, late at server {late_frames}, "
-                  f"min received fps {min(fps):.1f}", file=sys.stderr, flush=True)
-            for r, counter in zip(receivers, late):
-                r.stop()
-                counter.stop()
-        finally:
-            for c in clients:
-                await c.close()
-        if not levels[-1]["ok"]:
-            break
+    cpu = CpuShares()
+    with contextlib.nullcontext() if decode else counting_video_receivers():
+        for n in range(1, max_sessions + 1):
+            clients = [AvatarClient(url) for _ in range(n)]
+            try:
+                for c in clients:
+                    await c.create_session(fps=25)
+                receivers = [Received(c) for c in clients]
+                late = [LateFrames(c) for c in clients]
+                for c in clients:
+                    await c.connect()
+                await asyncio.sleep(2.0)  # settle: ICE, first keyframes, first stats
+                since = [r.video[-1][1] if r.video else 0.0 for r in receivers]
+                for counter in late:
+                    counter.mark()
+                cpu.start()
+                await asyncio.gather(*(push(c, long_speech) for c in clients))
+                await asyncio.sleep(window_s)
+                cores = cpu.stop()
+                await asyncio.sleep(1.1)  # one more stats event to cover the window
+                missing = sum(r.missing_video_frames(25.0, s) for r, s in zip(receivers, since))
+                late_frames = sum(counter.since_mark for counter in late)
+                fps = [(len([1 for _, media, _ in r.video if media >= s]) - 1) / max(1e-9, r.video[-1][1] - s)
+                       for r, s in zip(receivers, since)]
+                late_ok = late_frames <= LATE_TOLERANCE * n * window_s * 25
+                no_drops = missing == 0 and min(fps) >= 24.5
+                level = {"sessions": n, "missing": missing, "late": late_frames, "min_fps": min(fps),
+                         "ok": no_drops, "on_time": no_drops and late_ok, "cores": cores}
+                levels.append(level)
+                print(f"  {n} session(s): missing at receivers {missing}, late at server {late_frames}, "
+                      f"min received fps {min(fps):.1f}; cores: server {cores['server']:.2f}, "
+                      f"workers {cores['workers']:.2f}, receivers {cores['receivers']:.2f}",
+                      file=sys.stderr, flush=True)
+                for r, counter in zip(receivers, late):
+                    r.stop()
+                    counter.stop()
+            finally:
+                for c in clients:
+                    await c.close()
+            if not levels[-1]["ok"]:
+                break
     return levels
 
 
@@ -390,7 +511,9 @@ def print_latencies(lat: dict) -> None:
     """Table rows of ``measure_latencies``: medians with (min-max) over the repeats."""
     onset = lat["av_offset_at_onset_ms"]
     n = len(lat["audio_to_lip_s"])
-    print(row("time to first frame after the offer", f"{1000 * lat['time_to_first_frame_s']:.0f} ms",
+    print(row("time to first frame, later sessions", ms(lat["later_first_frame_s"]),
+              "3 more sessions, one at a time: connect() to first decoded frame"))
+    print(row("time to first frame, first media session after start", f"{1000 * lat['time_to_first_frame_s']:.0f} ms",
               "connect() (offer, ICE, DTLS) to first decoded frame"))
     print(row("audio-to-lip, speaking frame complete at the receiver", ms(lat["audio_to_lip_wire_s"]),
               f"{n} utterances: first chunk pushed to the first speaking frame's last RTP packet"))
@@ -427,6 +550,13 @@ def print_table(lat: dict | None, long: dict | None, levels: list[dict]) -> None
                   f"per level {detail}"))
         print(row(f"... and at most {100 * LATE_TOLERANCE:g}% of frames late at the server",
                   str(max(on_time, default=0)), "late: handed out more than one frame period after its time"))
+        shares = "; ".join(
+            f"{lv['sessions']}: {lv['cores']['server']:.2f} + {lv['cores']['workers']:.2f} + "
+            f"{lv['cores']['receivers']:.2f}" for lv in levels)
+        top = levels[-1] if levels[-1]["ok"] or len(levels) == 1 else levels[-2]
+        per_session = (top["cores"]["server"] + top["cores"]["workers"]) / top["sessions"]
+        print(row("cores per speaking session (server process + generator worker)", f"{per_session:.2f}",
+                  f"at {top['sessions']} session(s); cores server + workers + receivers per level: {shares}"))
 
 
 async def run_clients(args) -> None:
@@ -448,7 +578,7 @@ async def run_clients(args) -> None:
         long = await measure_long_run(args.client, clips, args.minutes, out_dir)
     if "capacity" in args.parts:
         print("capacity ...", file=sys.stderr, flush=True)
-        levels = await measure_capacity(args.client, clips, args.max_sessions, args.window)
+        levels = await measure_capacity(args.client, clips, args.max_sessions, args.window, args.decode)
     print_table(lat, long, levels)
     if long:
         print(f"\nrecording: {out_dir / 'long_run_tail.mp4'}")
@@ -460,6 +590,7 @@ async def serve_for_clients(args) -> int:
     async with running_server(max(args.max_sessions, 2), not args.in_process_generators) as url:
         forwarded = ["--minutes", str(args.minutes), "--max-sessions", str(args.max_sessions),
                      "--window", str(args.window), "--repeats", str(args.repeats), "--parts", ",".join(args.parts)]
+        forwarded += ["--decode"] if args.decode else []
         forwarded += ["--out", args.out] if args.out else []
         child = await asyncio.create_subprocess_exec(sys.executable, __file__, "--client", url, *forwarded)
         return await child.wait()
@@ -484,6 +615,8 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=10.0, help="seconds measured per capacity level")
     parser.add_argument("--in-process-generators", action="store_true",
                         help="run the generators in the server's process (AVATAR_GENERATOR_PROCESSES=0)")
+    parser.add_argument("--decode", action="store_true",
+                        help="capacity receivers decode every video frame (default: check that each arrived complete)")
     parser.add_argument("--repeats", type=int, default=5, help="utterances and interrupts timed")
     parser.add_argument("--parts", type=parts, default=PARTS,
                         help="comma list of the measurements to run (default: latency,long,capacity)")
@@ -494,7 +627,18 @@ def main() -> None:
     if args.client:
         asyncio.run(run_clients(args))
     else:
-        sys.exit(asyncio.run(serve_for_clients(args)))
+        # The server on uvloop, as avatar-server runs it (uvicorn's default loop where uvloop is installed).
+        with asyncio.Runner(loop_factory=server_loop_factory()) as runner:
+            sys.exit(runner.run(serve_for_clients(args)))
+
+
+def server_loop_factory():
+    """uvloop's event loop factory when uvloop is installed, else None (asyncio's default)."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
+import cv2
 from threadpoolctl import threadpool_limits
 
 from avatar.clock import Clock
@@ -267,7 +268,10 @@ class SessionManager:
         # Sessions run side by side, each generate call on one BLAS thread: idle
         # OpenBLAS workers spin between the animator's small per-frame calls and
         # cost nearly a core per process (bench: 1.34 -> 0.44 cores per session).
+        # OpenCV likewise: its thread pool splits each small remap and costs a third
+        # more CPU for the same frames (see avatar.generator_process).
         threadpool_limits(limits=1, user_api="blas")
+        cv2.setNumThreads(1)
         self._store_warned = False
         if settings.generator_processes:
             generator_module = getattr(generator_factory, "__module__", None) or __name__

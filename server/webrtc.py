@@ -32,6 +32,7 @@ from server.media_tracks import (
     PacedTrack,
 )
 from server.microphone import MicrophoneInput, VadSettings
+from server.video_encoder import install_video_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ class MediaPeer:
         receives = {m.kind for m in media if m.direction in ("recvonly", "sendrecv")}
         if "video" not in receives:
             raise ValueError("SDP offer has no video m-line to receive the avatar on (add a recvonly video transceiver)")
-        self._pc.addTrack(self._video)
+        video_sender = self._pc.addTrack(self._video)
         self._senders.append(self._video)
         if "audio" in receives:
             self._pc.addTrack(self._audio)
@@ -147,6 +148,7 @@ class MediaPeer:
             await self._pc.setLocalDescription(await self._pc.createAnswer())
         except Exception as exc:  # e.g. no codec in common
             raise ValueError(f"SDP offer cannot be answered: {_one_line(exc)}") from None
+        install_video_encoder(video_sender, self._pc.localDescription.sdp)
         self._spawn(self._pump_frames(), "media-pump")
         self._spawn(self._watch_connect(), "media-connect-watch")
         self._spawn(self._poll_remote_stats(), "media-stats")

@@ -291,6 +291,10 @@ class EventsConnection:
             await self._live.avatar.push_audio(AudioChunk(samples, self._sample_rate))
         except AudioFormatError:
             pass  # the avatar already sent a bad_audio error event
+        # One pass of the loop per chunk: messages already buffered are read without
+        # yielding, and an agent that pushes 30 s of speech at once held the loop for
+        # 50 ms (bench) while frames of every session were due.
+        await asyncio.sleep(0)
 
     async def _text(self, text: str) -> None:
         try:

@@ -294,7 +294,7 @@ def test_inverted_displacement_undoes_the_warp():
     ys, xs = np.mgrid[0:rows, 0:cols].astype(np.float32)
     bump = np.exp(-((xs - 40) ** 2 + (ys - 30) ** 2) / 150.0)
     forward = np.stack([3.0 * bump, 5.0 * bump], axis=-1).astype(np.float32)
-    back = invert_displacement(forward, xs, ys, 1.0)
+    back = invert_displacement(forward, np.dstack([xs, ys]), 1.0)
     source_x, source_y = xs + back[..., 0], ys + back[..., 1]
     bump_at = np.exp(-((source_x - 40) ** 2 + (source_y - 30) ** 2) / 150.0)
     residual = np.hypot(source_x + 3.0 * bump_at - xs, source_y + 5.0 * bump_at - ys)

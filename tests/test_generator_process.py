@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
 
 from avatar.generator_process import GeneratorProcessDied, ProcessGenerator
+from avatar.shared_frames import SharedFrames
 from model.animator import CpuAnimator
 from model.base import Generator, MotionSettings, PreparedPortrait, clip_windows
 from model.portrait import load_portrait
@@ -90,3 +93,115 @@ def test_errors_of_the_wrapped_generator_reach_the_caller_and_close_ends_it():
     generator.close()
     with pytest.raises(RuntimeError, match="closed"):
         generator.generate(prepared, window, MotionSettings(), None)
+
+
+class GrowingGenerator(Generator):
+    """Random frames (seeded by the window's first frame) whose side grows by 64
+    pixels a window, so the worker outgrows its shared buffer; ``delay_s``: each
+    window takes this long (a slow generator)."""
+
+    name = "growing"
+    version = "1"
+    window_frames = 2
+    lookahead_frames = 0
+    context_frames = 0
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+
+    def prepare(self, image):
+        return PreparedPortrait(arrays={"none": np.zeros(1, np.uint8)})
+
+    def generate(self, prepared, window, motion, state):
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        side = 64 * (1 + window.first_frame // 2)
+        frames = np.random.default_rng(window.first_frame).integers(0, 256, (window.num_frames, side, side, 3))
+        return frames.astype(np.uint8), window.first_frame
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not SharedFrames.available(), reason="shared frame buffers need Linux memfd")
+def test_frames_of_growing_size_come_back_whole_through_new_shared_buffers():
+    fds = open_fds()
+    local, remote = GrowingGenerator(), ProcessGenerator(GrowingGenerator)
+    try:
+        prepared = remote.prepare(np.zeros((8, 8, 3), np.uint8))
+        windows = list(clip_windows(np.zeros(16000, np.float32), remote))[:12]  # up to 768x768: over 1 MiB
+        for window in windows:
+            frames, state = remote.generate(prepared, window, MotionSettings(), None)
+            expected, _ = local.generate(prepared, window, MotionSettings(), None)
+            np.testing.assert_array_equal(frames, expected)
+            assert state == window.first_frame
+    finally:
+        remote.close()
+    assert open_fds() == fds  # pipe and shared buffer closed with the worker
+
+
+class SignallingProcessGenerator(ProcessGenerator):
+    """A ProcessGenerator that sets ``calling`` once a call has asked its worker."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.calling = threading.Event()
+        super().__init__(*args, **kwargs)
+
+    def _call(self, *args):
+        self.calling.set()
+        return super()._call(*args)
+
+
+def test_close_while_a_window_is_generated_ends_that_call_cleanly():
+    fds = open_fds()
+    generator = SignallingProcessGenerator(functools.partial(GrowingGenerator, delay_s=0.3))
+    prepared = generator.prepare(np.zeros((8, 8, 3), np.uint8))
+    window = next(clip_windows(np.zeros(1600, np.float32), generator))
+    generator.generate(prepared, window, MotionSettings(), None)  # the shared buffer exists
+    outcome: list = []
+
+    def call() -> None:
+        try:
+            outcome.append(generator.generate(prepared, window, MotionSettings(), None))
+        except Exception as exc:  # noqa: BLE001 - the test inspects it
+            outcome.append(exc)
+
+    generator.calling.clear()
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert generator.calling.wait(timeout=5)
+    generator.close()  # the worker is (nearly always) in its 0.3 s window: it finishes it, then exits
+    caller.join(timeout=5)
+    assert not caller.is_alive()
+    (result,) = outcome
+    if isinstance(result, Exception):  # close's stop message overtook the request
+        assert isinstance(result, RuntimeError) and "closed" in str(result)
+    else:
+        assert result[1] == 0  # the window in flight came back whole
+    with pytest.raises(RuntimeError, match="closed"):
+        generator.generate(prepared, window, MotionSettings(), None)
+    assert open_fds() == fds  # released by the call that finished last
+
+
+@pytest.mark.skipif(not SharedFrames.available(), reason="shared frame buffers need Linux memfd")
+def test_shared_frames_hand_back_copies_and_refuse_what_does_not_fit():
+    writer = SharedFrames.create(100)
+    reader = SharedFrames(os.dup(writer.fd), writer.size)  # as the server maps the worker's buffer
+    try:
+        assert writer.size == 1 << 20
+        frames = np.arange(2 * 8 * 8 * 3, dtype=np.uint8).reshape(2, 8, 8, 3)
+        copy = reader.read(writer.write(frames))
+        np.testing.assert_array_equal(copy, frames)
+        writer.write(np.zeros_like(frames))  # the next window overwrites the buffer ...
+        assert copy.any()  # ... not what was read before
+        too_big = np.zeros(writer.size + 1, np.uint8)
+        assert not writer.fits(too_big)
+        with pytest.raises(ValueError, match="do not fit"):
+            writer.write(too_big)
+        with pytest.raises(ValueError, match="exceed"):
+            reader.read(((writer.size + 1,), "|u1"))
+    finally:
+        writer.close()
+        reader.close()
+        writer.close()  # idempotent

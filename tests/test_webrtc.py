@@ -33,6 +33,7 @@ from server.media_tracks import (
     video_pts,
 )
 from server.microphone import MicrophoneInput, VadSettings
+from server.video_encoder import AvatarVp8Encoder
 from server.webrtc import MediaPeer, pin_ice_host_addresses
 
 RATE = 16000
@@ -442,6 +443,8 @@ async def test_loopback_peer_streams_paced_video_and_audio_in_step(media_live):
     assert abs(voice_at - mouth_at) <= 1 / 25 + 0.02 + 0.01
     stats = peer.stats()
     assert stats["video_frames_sent"] >= 40 and stats["audio_packets_sent"] >= 80
+    (video_sender,) = [s for s in peer._pc.getSenders() if s.track is not None and s.track.kind == "video"]
+    assert isinstance(video_sender._RTCRtpSender__encoder, AvatarVp8Encoder)  # the tuned encoder sent them
     await receiver.close()
 
 
