@@ -18,6 +18,17 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PORTRAIT = REPO_ROOT / "assets" / "portrait.png"
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on: its affinity mask where the OS has one
+    (a container's CPU set), else the machine's count; at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity masks (macOS)
+        return os.cpu_count() or 1
+
+
 #: AVATAR_GENERATOR values (the names ``SessionCreate.generator`` accepts).
 GENERATORS = ("animator", "fantasytalking", "fantasytalking-tiny")
 
@@ -36,7 +47,9 @@ class Settings:
     Redis key this server writes. api_key [AVATAR_API_KEY]: when set, needed to
     upload portraits and create sessions. cors_origins [AVATAR_CORS_ORIGINS]:
     comma list of browser origins allowed to call the API. max_sessions
-    [AVATAR_MAX_SESSIONS]: live sessions at once (>= 1). idle_timeout_s
+    [AVATAR_MAX_SESSIONS]: live sessions at once (>= 1; default: one per CPU
+    core this process may use, as a speaking 512x512 session with the CPU
+    animator takes 0.5-0.7 of a core, bench/server_latency.py). idle_timeout_s
     [AVATAR_IDLE_TIMEOUT_S]: seconds without WebSocket or media peer before a
     session ends. max_duration_s [AVATAR_MAX_DURATION_S]: seconds a session may
     live. max_upload_bytes [AVATAR_MAX_UPLOAD_BYTES]: largest portrait upload.
@@ -67,7 +80,7 @@ class Settings:
     redis_prefix: str = "avatar:"
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
-    max_sessions: int = 4
+    max_sessions: int = field(default_factory=usable_cores)
     idle_timeout_s: float = 120.0
     max_duration_s: float = 3600.0
     max_upload_bytes: int = 10 * 1024 * 1024

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import io
 import json
+import os
 import struct
 import zlib
 
@@ -22,7 +23,7 @@ from PIL import Image
 from avatar.clock import VirtualClock
 from avatar.frames import AudioChunk
 from server.app import create_app
-from server.config import DEFAULT_PORTRAIT
+from server.config import DEFAULT_PORTRAIT, Settings, SettingsError
 
 ERROR_KEYS = {"code", "message"}
 
@@ -236,6 +237,14 @@ async def test_session_limit_answers_503_with_retry_after(app_with, server_runni
         deleted = await srv.http.delete(f"/v1/sessions/{held['session_id']}", headers=bearer(held["token"]))
         assert deleted.status_code == 204
         assert (await srv.http.post("/v1/sessions", json={})).status_code == 201
+
+
+def test_session_limit_defaults_to_one_per_usable_core_and_the_environment_sets_it():
+    cores = len(os.sched_getaffinity(0))
+    assert Settings().max_sessions == Settings.from_env({}).max_sessions == cores
+    assert Settings.from_env({"AVATAR_MAX_SESSIONS": "7"}).max_sessions == 7
+    with pytest.raises(SettingsError, match="AVATAR_MAX_SESSIONS"):
+        Settings.from_env({"AVATAR_MAX_SESSIONS": "0"})
 
 
 async def test_api_key_guards_uploads_and_session_creation(app_with, server_running):
