@@ -19,6 +19,7 @@ costs a tenth of pickling them through the pipe.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import multiprocessing
@@ -45,18 +46,40 @@ class GeneratorProcessDied(RuntimeError):
     """The worker process ended while a window was asked of it."""
 
 
+def _one_thread_each() -> None:
+    """One BLAS and one OpenCV thread in this worker process."""
+    # Idle OpenBLAS workers spin between small calls and would take a core from the
+    # other sessions. OpenCV's pool splits each 512x512 remap across the cores and
+    # costs more CPU for the same frames (the animator: 11.7 -> 8.7 ms of CPU a
+    # frame), which the other sessions need.
+    threadpool_limits(limits=1, user_api="blas")
+    cv2.setNumThreads(1)
+
+
+def preparation_executor(generator_module: str) -> concurrent.futures.ProcessPoolExecutor:
+    """A pool of one worker process, forked from the fork server (which imports
+    ``generator_module``), for ``Generator.prepare``: MediaPipe and the animator's
+    field solves hold the interpreter lock for up to about 0.2 s at a time, which
+    in a thread of the server stalls every live session's frames (measured with
+    an event-loop lag probe in bench/server_latency.py's server). Arguments and
+    results are pickled; a worker that dies breaks the pool
+    (``concurrent.futures.process.BrokenProcessPool``). Its worker starts at
+    once, in a background thread: started by the first ``submit`` it would
+    stall the submitting thread, the event loop, for up to 0.7 s."""
+    pool = concurrent.futures.ProcessPoolExecutor(
+        1, mp_context=_configure_fork_server([generator_module]), initializer=_one_thread_each
+    )
+    threading.Thread(target=pool.submit, args=(os.getpid,), name="preparation-start", daemon=True).start()
+    return pool
+
+
 def _serve(conn: Connection, factory: Callable[[], Generator]) -> None:
     """The worker's loop: ``(prepared or None, window, motion, state)`` in, ``("ok",
     frames, state)`` or ``("error", exception)`` out, until ``None`` or the pipe
     closes. ``frames`` is ``("shared", layout, new_buffer_size)`` when the frames
     are in the SharedFrames buffer (a new buffer's file descriptor follows the
     reply when ``new_buffer_size`` > 0), else the frames themselves."""
-    # One BLAS thread: idle OpenBLAS workers spin between small calls and would
-    # take a core from the other sessions. One OpenCV thread: its pool splits each
-    # 512x512 remap across the cores and costs more CPU for the same frames (the
-    # animator: 11.7 -> 8.7 ms of CPU a frame), which the other sessions need.
-    threadpool_limits(limits=1, user_api="blas")
-    cv2.setNumThreads(1)
+    _one_thread_each()
     generator = factory()
     portrait: PreparedPortrait | None = None
     shared: SharedFrames | None = None

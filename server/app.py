@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from avatar.clock import Clock, SystemClock
+from avatar.generator_process import preparation_executor
 from model.animator import CpuAnimator
 from model.base import Generator, MotionSettings
 from server.config import REPO_ROOT, Settings, SettingsError
@@ -158,7 +159,10 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = make_store(settings)
-        executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="portrait-prepare")
+        if settings.generator_processes:
+            executor = preparation_executor(getattr(generator_factory, "__module__", None) or __name__)
+        else:
+            executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="portrait-prepare")
         manager = SessionManager(
             settings, store, metrics,
             generator_factory=generator_factory, clock_factory=clock_factory, monotonic=monotonic,

@@ -4,8 +4,10 @@ A prepared portrait depends only on the image bytes and the generator's name
 and version, so it is cached in the session store under
 ``portrait:{sha256}:{generator}:{version}`` as ``PreparedPortrait.to_bytes``
 (an .npz of plain arrays, never pickle) and never prepared twice while the
-cache holds it. Preparation (MediaPipe, about a second) runs in a thread so the
-event loop keeps serving live sessions.
+cache holds it. Preparation (MediaPipe, about a second) runs in an executor so
+the event loop keeps serving live sessions: a worker process when generators
+run in worker processes (in a thread it holds the interpreter lock for up to
+0.2 s at a time and stalls every live session), else a thread.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import io
 import logging
 import warnings
 from collections.abc import AsyncIterator
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from PIL import Image
@@ -142,7 +145,7 @@ class PortraitCache:
     """Prepares portraits with ``generator`` and caches them in ``store``.
 
     ``executor``: where decoding and ``generator.prepare`` run (default: the
-    loop's default thread pool). Concurrent requests for the same portrait
+    loop's default thread pool; a process pool needs a picklable generator). Concurrent requests for the same portrait
     share one preparation. Store failures propagate as StoreUnavailable.
     """
 
@@ -204,11 +207,21 @@ class PortraitCache:
     async def _prepare(self, data: bytes) -> PreparedPortrait:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, self._decode_and_prepare, data)
+            try:
+                return await loop.run_in_executor(self._executor, prepare_image_bytes, self._generator, data)
+            except BrokenProcessPool:
+                # The preparation process died (it is not restarted): prepare in a thread,
+                # which stalls live sessions for a moment but keeps uploads working.
+                logger.error("the portrait preparation process died; preparing in a thread from now on")
+                self._executor = None
+                return await loop.run_in_executor(None, prepare_image_bytes, self._generator, data)
         except NoFaceError as exc:
             raise PortraitRejected("no_face", str(exc)) from None
         except PortraitError as exc:
             raise PortraitRejected("unusable_portrait", str(exc)) from None
 
-    def _decode_and_prepare(self, data: bytes) -> PreparedPortrait:
-        return self._generator.prepare(load_portrait(data))
+
+def prepare_image_bytes(generator: Generator, data: bytes) -> PreparedPortrait:
+    """Decode encoded image bytes and prepare them with ``generator`` (a module
+    function, so a process pool can run it). Raises PortraitError / NoFaceError."""
+    return generator.prepare(load_portrait(data))

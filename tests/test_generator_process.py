@@ -1,20 +1,27 @@
 """ProcessGenerator: a generator in a worker process gives the same frames as in
-this process, survives its worker dying, and reports the wrapped generator's errors."""
+this process, survives its worker dying, and reports the wrapped generator's errors;
+frames come back through a shared buffer; portraits prepared in a worker process
+equal those prepared here."""
 from __future__ import annotations
 
 import functools
+import io
 import os
 import threading
 import time
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from avatar.generator_process import GeneratorProcessDied, ProcessGenerator
+from avatar.generator_process import GeneratorProcessDied, ProcessGenerator, preparation_executor
 from avatar.shared_frames import SharedFrames
 from model.animator import CpuAnimator
 from model.base import Generator, MotionSettings, PreparedPortrait, clip_windows
 from model.portrait import load_portrait
+from server.portraits import PortraitCache, PortraitRejected, prepare_image_bytes
+from server.store import MemoryStore
 
 
 class FailingGenerator(Generator):
@@ -205,3 +212,35 @@ def test_shared_frames_hand_back_copies_and_refuse_what_does_not_fit():
         writer.close()
         reader.close()
         writer.close()  # idempotent
+
+
+async def test_portraits_prepared_in_a_worker_process_equal_those_prepared_here(cli_portrait_path):
+    data = open(cli_portrait_path, "rb").read()
+    executor = preparation_executor("model.animator.generator")
+    try:
+        cache = PortraitCache(MemoryStore(), CpuAnimator(), ttl_s=60, max_pixels=4096 * 4096, executor=executor)
+        info = await cache.add(data)
+        remote = await cache.get(info.portrait_id)
+        local = prepare_image_bytes(CpuAnimator(), data)
+        assert remote.meta == local.meta and sorted(remote.arrays) == sorted(local.arrays)
+        for name, array in local.arrays.items():
+            np.testing.assert_array_equal(remote.arrays[name], array)
+        faceless = io.BytesIO()
+        Image.new("RGB", (256, 256), (120, 130, 140)).save(faceless, format="PNG")
+        with pytest.raises(PortraitRejected) as rejected:  # the worker's NoFaceError, carried back
+            await cache.add(faceless.getvalue())
+        assert rejected.value.code == "no_face"
+    finally:
+        executor.shutdown()
+
+
+async def test_a_dead_preparation_process_leaves_uploads_working_in_a_thread(cli_portrait_path):
+    executor = preparation_executor("model.animator.generator")
+    with pytest.raises(BrokenProcessPool):
+        executor.submit(os._exit, 3).result(timeout=30)  # the worker dies: the pool is broken
+    try:
+        cache = PortraitCache(MemoryStore(), CpuAnimator(), ttl_s=60, max_pixels=4096 * 4096, executor=executor)
+        info = await cache.add(open(cli_portrait_path, "rb").read())
+        assert await cache.get(info.portrait_id) is not None
+    finally:
+        executor.shutdown()
