@@ -69,8 +69,13 @@ def preparation_executor(generator_module: str) -> concurrent.futures.ProcessPoo
     pool = concurrent.futures.ProcessPoolExecutor(
         1, mp_context=_configure_fork_server([generator_module]), initializer=_one_thread_each
     )
-    threading.Thread(target=pool.submit, args=(os.getpid,), name="preparation-start", daemon=True).start()
+    threading.Thread(target=_start_pool, args=(pool,), name="preparation-start", daemon=True).start()
     return pool
+
+
+def _start_pool(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    with contextlib.suppress(RuntimeError):  # shut down before it started: nothing to start
+        pool.submit(os.getpid)
 
 
 def _serve(conn: Connection, factory: Callable[[], Generator]) -> None:
