@@ -46,12 +46,13 @@ class GeneratorProcessDied(RuntimeError):
     """The worker process ended while a window was asked of it."""
 
 
-def _one_thread_each() -> None:
-    """One BLAS and one OpenCV thread in this worker process."""
-    # Idle OpenBLAS workers spin between small calls and would take a core from the
-    # other sessions. OpenCV's pool splits each 512x512 remap across the cores and
-    # costs more CPU for the same frames (the animator: 11.7 -> 8.7 ms of CPU a
-    # frame), which the other sessions need.
+def limit_math_threads() -> None:
+    """One BLAS and one OpenCV thread in this process, for processes that run
+    sessions' generators side by side (workers, or the server without them)."""
+    # Idle OpenBLAS workers spin between small calls and cost nearly a core per
+    # process (bench: 1.34 -> 0.44 cores per session). OpenCV's pool splits each
+    # 512x512 remap across the cores and costs more CPU for the same frames (the
+    # animator: 11.7 -> 8.7 ms of CPU a frame), which the other sessions need.
     threadpool_limits(limits=1, user_api="blas")
     cv2.setNumThreads(1)
 
@@ -67,7 +68,7 @@ def preparation_executor(generator_module: str) -> concurrent.futures.ProcessPoo
     once, in a background thread: started by the first ``submit`` it would
     stall the submitting thread, the event loop, for up to 0.7 s."""
     pool = concurrent.futures.ProcessPoolExecutor(
-        1, mp_context=_configure_fork_server([generator_module]), initializer=_one_thread_each
+        1, mp_context=_configure_fork_server([generator_module]), initializer=limit_math_threads
     )
     threading.Thread(target=_start_pool, args=(pool,), name="preparation-start", daemon=True).start()
     return pool
@@ -84,10 +85,11 @@ def _serve(conn: Connection, factory: Callable[[], Generator]) -> None:
     closes. ``frames`` is ``("shared", layout, new_buffer_size)`` when the frames
     are in the SharedFrames buffer (a new buffer's file descriptor follows the
     reply when ``new_buffer_size`` > 0), else the frames themselves."""
-    _one_thread_each()
+    limit_math_threads()
     generator = factory()
     portrait: PreparedPortrait | None = None
     shared: SharedFrames | None = None
+    use_shared = SharedFrames.available()
     while True:
         try:
             request = conn.recv()
@@ -100,7 +102,7 @@ def _serve(conn: Connection, factory: Callable[[], Generator]) -> None:
         new_buffer = None
         try:
             frames, state = generator.generate(portrait, window, motion, state)
-            if SharedFrames.available() and isinstance(frames, np.ndarray) and frames.flags.c_contiguous:
+            if use_shared and isinstance(frames, np.ndarray) and frames.flags.c_contiguous:
                 if shared is None or not shared.fits(frames):
                     if shared is not None:
                         shared.close()

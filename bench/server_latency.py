@@ -381,26 +381,25 @@ def counting_video_receivers():
         aiortc.rtcrtpreceiver.get_decoder = original
 
 
-def _cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of process ``pid`` (all its threads), seconds; None when gone."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state is [0]); None when gone."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
+            return stat.read().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of process ``pid`` (all its threads), seconds; None when gone."""
+    fields = _stat_fields(pid)
+    return None if fields is None else (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _descendants(root: int) -> set[int]:
     """Every live process below ``root`` (Linux /proc)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
+    parents = {int(entry): _stat_fields(int(entry)) for entry in os.listdir("/proc") if entry.isdigit()}
+    parents = {pid: int(fields[1]) for pid, fields in parents.items() if fields is not None}
     found, frontier = set(), {root}
     while frontier:
         frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
@@ -414,14 +413,15 @@ class CpuShares:
     (this process and its children). Linux only."""
 
     def __init__(self) -> None:
-        self._server, self._receivers = os.getppid(), {os.getpid(), *_descendants(os.getpid())}
-        self._start: dict[int, float] = {}
+        self._start: dict[int, float | None] = {}
         self._started = 0.0
 
-    def _groups(self) -> dict[int, str]:
-        groups = {pid: "workers" for pid in _descendants(self._server)}
-        groups.update({pid: "receivers" for pid in self._receivers | _descendants(os.getpid())})
-        groups[self._server] = "server"
+    @staticmethod
+    def _groups() -> dict[int, str]:
+        server, receivers = os.getppid(), os.getpid()
+        groups = {pid: "workers" for pid in _descendants(server)}
+        groups.update({pid: "receivers" for pid in {receivers, *_descendants(receivers)}})
+        groups[server] = "server"
         return groups
 
     def start(self) -> None:
@@ -439,59 +439,56 @@ class CpuShares:
         return cores
 
 
-async def measure_capacity(url: str, clips: list[np.ndarray], max_sessions: int, window_s: float,
-                           decode: bool = False) -> list[dict]:
+async def measure_capacity(url: str, clips: list[np.ndarray], max_sessions: int, window_s: float) -> list[dict]:
     """For n = 1..max_sessions concurrent speaking sessions: frames missing at the
     receivers (dropped anywhere on the way), late frames at the server, received
     fps, and the cores used by the server, its workers and the receivers. A level
     holds (``ok``) with no frame missing at any receiver and at least 24.5 fps
     received; it is also ``on_time`` with at most LATE_TOLERANCE of the frames
     handed out late at the server (a late frame is a short stall of the picture).
-    The receivers check that every video frame arrived complete, decoding it
-    only with ``decode``. The ramp stops at the first level that does not hold."""
+    The ramp stops at the first level that does not hold."""
     levels = []
     long_speech = np.concatenate(clips * 3)  # about 30 s: every session speaks through the window
     cpu = CpuShares()
-    with contextlib.nullcontext() if decode else counting_video_receivers():
-        for n in range(1, max_sessions + 1):
-            clients = [AvatarClient(url) for _ in range(n)]
-            try:
-                for c in clients:
-                    await c.create_session(fps=25)
-                receivers = [Received(c) for c in clients]
-                late = [LateFrames(c) for c in clients]
-                for c in clients:
-                    await c.connect()
-                await asyncio.sleep(2.0)  # settle: ICE, first keyframes, first stats
-                since = [r.video[-1][1] if r.video else 0.0 for r in receivers]
-                for counter in late:
-                    counter.mark()
-                cpu.start()
-                await asyncio.gather(*(push(c, long_speech) for c in clients))
-                await asyncio.sleep(window_s)
-                cores = cpu.stop()
-                await asyncio.sleep(1.1)  # one more stats event to cover the window
-                missing = sum(r.missing_video_frames(25.0, s) for r, s in zip(receivers, since))
-                late_frames = sum(counter.since_mark for counter in late)
-                fps = [(len([1 for _, media, _ in r.video if media >= s]) - 1) / max(1e-9, r.video[-1][1] - s)
-                       for r, s in zip(receivers, since)]
-                late_ok = late_frames <= LATE_TOLERANCE * n * window_s * 25
-                no_drops = missing == 0 and min(fps) >= 24.5
-                level = {"sessions": n, "missing": missing, "late": late_frames, "min_fps": min(fps),
-                         "ok": no_drops, "on_time": no_drops and late_ok, "cores": cores}
-                levels.append(level)
-                print(f"  {n} session(s): missing at receivers {missing}, late at server {late_frames}, "
-                      f"min received fps {min(fps):.1f}; cores: server {cores['server']:.2f}, "
-                      f"workers {cores['workers']:.2f}, receivers {cores['receivers']:.2f}",
-                      file=sys.stderr, flush=True)
-                for r, counter in zip(receivers, late):
-                    r.stop()
-                    counter.stop()
-            finally:
-                for c in clients:
-                    await c.close()
-            if not levels[-1]["ok"]:
-                break
+    for n in range(1, max_sessions + 1):
+        clients = [AvatarClient(url) for _ in range(n)]
+        try:
+            for c in clients:
+                await c.create_session(fps=25)
+            receivers = [Received(c) for c in clients]
+            late = [LateFrames(c) for c in clients]
+            for c in clients:
+                await c.connect()
+            await asyncio.sleep(2.0)  # settle: ICE, first keyframes, first stats
+            since = [r.video[-1][1] if r.video else 0.0 for r in receivers]
+            for counter in late:
+                counter.mark()
+            cpu.start()
+            await asyncio.gather(*(push(c, long_speech) for c in clients))
+            await asyncio.sleep(window_s)
+            cores = cpu.stop()
+            await asyncio.sleep(1.1)  # one more stats event to cover the window
+            missing = sum(r.missing_video_frames(25.0, s) for r, s in zip(receivers, since))
+            late_frames = sum(counter.since_mark for counter in late)
+            fps = [(len([1 for _, media, _ in r.video if media >= s]) - 1) / max(1e-9, r.video[-1][1] - s)
+                   for r, s in zip(receivers, since)]
+            late_ok = late_frames <= LATE_TOLERANCE * n * window_s * 25
+            no_drops = missing == 0 and min(fps) >= 24.5
+            level = {"sessions": n, "missing": missing, "late": late_frames, "min_fps": min(fps),
+                     "ok": no_drops, "on_time": no_drops and late_ok, "cores": cores}
+            levels.append(level)
+            print(f"  {n} session(s): missing at receivers {missing}, late at server {late_frames}, "
+                  f"min received fps {min(fps):.1f}; cores: server {cores['server']:.2f}, "
+                  f"workers {cores['workers']:.2f}, receivers {cores['receivers']:.2f}",
+                  file=sys.stderr, flush=True)
+            for r, counter in zip(receivers, late):
+                r.stop()
+                counter.stop()
+        finally:
+            for c in clients:
+                await c.close()
+        if not levels[-1]["ok"]:
+            break
     return levels
 
 
@@ -578,7 +575,9 @@ async def run_clients(args) -> None:
         long = await measure_long_run(args.client, clips, args.minutes, out_dir)
     if "capacity" in args.parts:
         print("capacity ...", file=sys.stderr, flush=True)
-        levels = await measure_capacity(args.client, clips, args.max_sessions, args.window, args.decode)
+        # Receivers check that every video frame arrives complete; they decode it only with --decode.
+        with contextlib.nullcontext() if args.decode else counting_video_receivers():
+            levels = await measure_capacity(args.client, clips, args.max_sessions, args.window)
     print_table(lat, long, levels)
     if long:
         print(f"\nrecording: {out_dir / 'long_run_tail.mp4'}")

@@ -20,12 +20,10 @@ import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
-import cv2
-from threadpoolctl import threadpool_limits
 
 from avatar.clock import Clock
 from avatar.frames import PlaybackStarted, SessionState, StateChanged
-from avatar.generator_process import ProcessGenerator, start_fork_server
+from avatar.generator_process import ProcessGenerator, limit_math_threads, start_fork_server
 from avatar.session import AvatarSession
 from model.base import Generator, MotionSettings, PreparedPortrait
 from server.config import Settings
@@ -265,13 +263,8 @@ class SessionManager:
         self._monotonic = monotonic
         self._sessions: dict[str, LiveSession] = {}
         self._reserved = 0
-        # Sessions run side by side, each generate call on one BLAS thread: idle
-        # OpenBLAS workers spin between the animator's small per-frame calls and
-        # cost nearly a core per process (bench: 1.34 -> 0.44 cores per session).
-        # OpenCV likewise: its thread pool splits each small remap and costs a third
-        # more CPU for the same frames (see avatar.generator_process).
-        threadpool_limits(limits=1, user_api="blas")
-        cv2.setNumThreads(1)
+        # Sessions run side by side, also in this process without worker processes.
+        limit_math_threads()
         self._store_warned = False
         if settings.generator_processes:
             generator_module = getattr(generator_factory, "__module__", None) or __name__

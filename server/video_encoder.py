@@ -6,10 +6,9 @@ rendered, with no sensor noise to remove; on them the denoiser only costs time
 and blurs. Measured on 252 animator frames at 512x512, one core (libvpx through
 PyAV, realtime deadline): at 650 kbps aiortc's settings take 3.3 ms a frame for
 34.8 dB PSNR, without the denoiser 1.9 ms for 35.5 dB; at 800 kbps and speed
--12, 2.1 ms for 35.6 dB. The
-bitrate follows the receiver's REMB estimate as in aiortc, capped at
-MAX_BITRATE: a 512x512 talking head gains 0.2 dB from 800 kbps to 1 Mbps,
-and the encoder's work grows with the bitrate.
+-12, 2.1 ms for 35.6 dB. The bitrate follows the receiver's REMB estimate as
+in aiortc, capped at MAX_BITRATE: a 512x512 talking head gains 0.2 dB from
+800 kbps to 1 Mbps, and the encoder's work grows with the bitrate.
 
 ``install_video_encoder`` puts one in an RTCRtpSender whose answer chose VP8
 (browsers list VP8 first, except Safari, which then gets aiortc's H.264).
