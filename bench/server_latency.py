@@ -53,7 +53,9 @@ from pathlib import Path
 
 import aiortc.rtcrtpreceiver
 import av
+import httpx
 import numpy as np
+import psutil
 import uvicorn
 from aiortc.codecs.base import Decoder
 from aiortc.mediastreams import VIDEO_TIME_BASE
@@ -93,8 +95,10 @@ def speech_clips() -> list[np.ndarray]:
 @contextlib.asynccontextmanager
 async def running_server(max_sessions: int, generator_processes: bool = True):
     """The app served by uvicorn on a free loopback port; yields its base URL."""
+    # Load admission measures but does not refuse: the ramp finds what the machine holds,
+    # and each level notes how many more sessions admission would still have taken.
     app = create_app(Settings(ice_host_addresses=("127.0.0.1",), max_sessions=max_sessions,
-                              generator_processes=generator_processes))
+                              generator_processes=generator_processes, admit_by_load=False))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
@@ -381,36 +385,27 @@ def counting_video_receivers():
         aiortc.rtcrtpreceiver.get_decoder = original
 
 
-def _stat_fields(pid: int) -> list[str] | None:
-    """The fields of /proc/PID/stat after the command name (state is [0]); None when gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-
-
 def _cpu_seconds(pid: int) -> float | None:
     """User + system CPU time of process ``pid`` (all its threads), seconds; None when gone."""
-    fields = _stat_fields(pid)
-    return None if fields is None else (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return None
+    return times.user + times.system
 
 
-def _descendants(root: int) -> set[int]:
-    """Every live process below ``root`` (Linux /proc)."""
-    parents = {int(entry): _stat_fields(int(entry)) for entry in os.listdir("/proc") if entry.isdigit()}
-    parents = {pid: int(fields[1]) for pid, fields in parents.items() if fields is not None}
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
+def _descendants(process: psutil.Process) -> set[int]:
+    """Pids of every live process below ``process``."""
+    try:
+        return {child.pid for child in process.children(recursive=True)}
+    except psutil.Error:
+        return set()
 
 
 class CpuShares:
     """Cores used over a window by the server process (this process's parent),
     its generator workers (the parent's other descendants) and the receivers
-    (this process and its children). Linux only."""
+    (this process and its children)."""
 
     def __init__(self) -> None:
         self._start: dict[int, float | None] = {}
@@ -418,10 +413,10 @@ class CpuShares:
 
     @staticmethod
     def _groups() -> dict[int, str]:
-        server, receivers = os.getppid(), os.getpid()
+        server, receivers = psutil.Process(os.getppid()), psutil.Process()
         groups = {pid: "workers" for pid in _descendants(server)}
-        groups.update({pid: "receivers" for pid in {receivers, *_descendants(receivers)}})
-        groups[server] = "server"
+        groups.update({pid: "receivers" for pid in {receivers.pid, *_descendants(receivers)}})
+        groups[server.pid] = "server"
         return groups
 
     def start(self) -> None:
@@ -467,6 +462,7 @@ async def measure_capacity(url: str, clips: list[np.ndarray], max_sessions: int,
             await asyncio.gather(*(push(c, long_speech) for c in clients))
             await asyncio.sleep(window_s)
             cores = cpu.stop()
+            admission = await admission_view(url)
             await asyncio.sleep(1.1)  # one more stats event to cover the window
             missing = sum(r.missing_video_frames(25.0, s) for r, s in zip(receivers, since))
             late_frames = sum(counter.since_mark for counter in late)
@@ -475,11 +471,12 @@ async def measure_capacity(url: str, clips: list[np.ndarray], max_sessions: int,
             late_ok = late_frames <= LATE_TOLERANCE * n * window_s * 25
             no_drops = missing == 0 and min(fps) >= 24.5
             level = {"sessions": n, "missing": missing, "late": late_frames, "min_fps": min(fps),
-                     "ok": no_drops, "on_time": no_drops and late_ok, "cores": cores}
+                     "ok": no_drops, "on_time": no_drops and late_ok, "cores": cores, **admission}
             levels.append(level)
             print(f"  {n} session(s): missing at receivers {missing}, late at server {late_frames}, "
                   f"min received fps {min(fps):.1f}; cores: server {cores['server']:.2f}, "
-                  f"workers {cores['workers']:.2f}, receivers {cores['receivers']:.2f}",
+                  f"workers {cores['workers']:.2f}, receivers {cores['receivers']:.2f}; load admission: "
+                  f"{admission['free_sessions']} more at {admission['session_cores']:.2f} core each",
                   file=sys.stderr, flush=True)
             for r, counter in zip(receivers, late):
                 r.stop()
@@ -490,6 +487,17 @@ async def measure_capacity(url: str, clips: list[np.ndarray], max_sessions: int,
         if not levels[-1]["ok"]:
             break
     return levels
+
+
+async def admission_view(url: str) -> dict:
+    """What the server's load admission holds now (its /metrics gauges):
+    ``free_sessions`` it would still admit and ``session_cores`` it counts each at."""
+    async with httpx.AsyncClient(base_url=url) as http:
+        text = (await http.get("/metrics")).text
+    gauges = dict(line.split() for line in text.splitlines()
+                  if line.startswith(("avatar_free_sessions ", "avatar_session_cpu_cores ")))
+    return {"free_sessions": int(float(gauges["avatar_free_sessions"])),
+            "session_cores": float(gauges["avatar_session_cpu_cores"])}
 
 
 def row(what: str, value: str, note: str = "") -> str:
@@ -554,6 +562,11 @@ def print_table(lat: dict | None, long: dict | None, levels: list[dict]) -> None
         per_session = (top["cores"]["server"] + top["cores"]["workers"]) / top["sessions"]
         print(row("cores per speaking session (server process + generator worker)", f"{per_session:.2f}",
                   f"at {top['sessions']} session(s); cores server + workers + receivers per level: {shares}"))
+        admitted = "; ".join(f"{lv['sessions']}: {lv['sessions'] + lv['free_sessions']}" for lv in levels)
+        print(row("sessions load admission allows (live + more it would admit)",
+                  str(top["sessions"] + top["free_sessions"]),
+                  f"at {top['sessions']} session(s), counting {top['session_cores']:.2f} core each; "
+                  f"per level: {admitted}"))
 
 
 async def run_clients(args) -> None:

@@ -52,6 +52,7 @@ from server.sessions import (
     SessionLimitReached,
     SessionManager,
 )
+from server.load import CpuMeter, LoadAdmission
 from server.store import MemoryStore, RedisStore, SessionStore, StoreUnavailable
 from server.tts import EspeakTts
 from server.ws import serve_events
@@ -130,6 +131,7 @@ def create_app(
     tts: EspeakTts | None = None,
     monotonic: Callable[[], float] = time.monotonic,
     reaper_interval_s: float = REAP_INTERVAL_S,
+    cpu_meter: CpuMeter | None = None,
 ) -> FastAPI:
     """The server app.
 
@@ -139,8 +141,8 @@ def create_app(
     each session's pacing clock (VirtualClock for fast tests); ``store_factory``:
     default RedisStore when ``settings.redis_url`` is set, else MemoryStore;
     ``tts``: default espeak-ng found on PATH; ``monotonic``: seconds for
-    timeouts, rate limits and the memory store's TTLs (injectable for tests).
-    Raises SettingsError when the default portrait file is missing, WeightsError
+    timeouts, rate limits and the memory store's TTLs (injectable for tests);
+    ``cpu_meter``: what load admission reads (default CpuMeter()). Raises SettingsError when the default portrait file is missing, WeightsError
     (an OSError) for incomplete FantasyTalking weights.
     """
     settings = settings or Settings.from_env()
@@ -166,6 +168,7 @@ def create_app(
         manager = SessionManager(
             settings, store, metrics,
             generator_factory=generator_factory, clock_factory=clock_factory, monotonic=monotonic,
+            admission=LoadAdmission(cpu_meter or CpuMeter(), settings.cpu_headroom),
         )
         portraits = PortraitCache(
             store, preparing_generator,
@@ -173,7 +176,8 @@ def create_app(
         )
         app.state.server = _Server(store, manager, portraits, settings.default_portrait.read_bytes())
         reaper = asyncio.create_task(manager.run_reaper(reaper_interval_s), name="session-reaper")
-        logger.info("serving with the %s store, at most %d sessions", store.kind, settings.max_sessions)
+        logger.info("serving with the %s store, at most %d sessions%s", store.kind, settings.max_sessions,
+                    ", fewer while the CPU is busy" if settings.admit_by_load else "")
         try:
             yield
         finally:
@@ -348,7 +352,7 @@ def _add_routes(app: FastAPI, settings: Settings, metrics: ServerMetrics, tts: E
                 motion=MotionSettings(face=body.motion.face, body=body.motion.body), fps=body.fps,
             )
         except SessionLimitReached as exc:
-            raise ApiError(503, "too_many_sessions", str(exc), busy) from None
+            raise ApiError(503, exc.code, str(exc), busy) from None
         except StoreUnavailable as exc:
             raise ApiError(503, "store_unavailable", f"cannot start a session: {exc}") from None
         except PortraitRejected as exc:

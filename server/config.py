@@ -14,19 +14,18 @@ from pathlib import Path
 
 from PIL import Image
 
+from server.load import usable_cores
+
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PORTRAIT = REPO_ROOT / "assets" / "portrait.png"
 
 
-def usable_cores() -> int:
-    """CPU cores this process may run on: its affinity mask where the OS has one
-    (a container's CPU set), else the machine's count; at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # no affinity masks (macOS)
-        return os.cpu_count() or 1
+def default_max_sessions() -> int:
+    """The default hard cap on live sessions: four per usable core (load admission,
+    ``server.load``, usually refuses well before it on a CPU generator)."""
+    return max(1, int(4 * usable_cores()))
 
 
 #: AVATAR_GENERATOR values (the names ``SessionCreate.generator`` accepts).
@@ -47,9 +46,12 @@ class Settings:
     Redis key this server writes. api_key [AVATAR_API_KEY]: when set, needed to
     upload portraits and create sessions. cors_origins [AVATAR_CORS_ORIGINS]:
     comma list of browser origins allowed to call the API. max_sessions
-    [AVATAR_MAX_SESSIONS]: live sessions at once (>= 1; default: one per CPU
-    core this process may use, as a speaking 512x512 session with the CPU
-    animator takes 0.5-0.7 of a core, bench/server_latency.py). idle_timeout_s
+    [AVATAR_MAX_SESSIONS]: most live sessions at once, whatever the load (>= 1;
+    default four per usable CPU core). admit_by_load [AVATAR_ADMIT_BY_LOAD, 1
+    or 0]: also refuse a session while the CPU cannot carry one more
+    (``server.load.LoadAdmission``: a 512x512 animator session takes 0.3-0.7 of
+    a core, by machine). cpu_headroom [AVATAR_CPU_HEADROOM]: cores load
+    admission keeps free, 0..64. idle_timeout_s
     [AVATAR_IDLE_TIMEOUT_S]: seconds without WebSocket or media peer before a
     session ends. max_duration_s [AVATAR_MAX_DURATION_S]: seconds a session may
     live. max_upload_bytes [AVATAR_MAX_UPLOAD_BYTES]: largest portrait upload.
@@ -80,7 +82,9 @@ class Settings:
     redis_prefix: str = "avatar:"
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
-    max_sessions: int = field(default_factory=usable_cores)
+    max_sessions: int = field(default_factory=default_max_sessions)
+    admit_by_load: bool = True
+    cpu_headroom: float = 0.3
     idle_timeout_s: float = 120.0
     max_duration_s: float = 3600.0
     max_upload_bytes: int = 10 * 1024 * 1024
@@ -115,6 +119,8 @@ class Settings:
             api_key=env.text("AVATAR_API_KEY", None),
             cors_origins=env.items("AVATAR_CORS_ORIGINS"),
             max_sessions=env.integer("AVATAR_MAX_SESSIONS", defaults.max_sessions, 1, 10_000),
+            admit_by_load=env.flag("AVATAR_ADMIT_BY_LOAD", defaults.admit_by_load),
+            cpu_headroom=env.number("AVATAR_CPU_HEADROOM", defaults.cpu_headroom, 0.0, 64.0, "cores"),
             idle_timeout_s=env.number("AVATAR_IDLE_TIMEOUT_S", defaults.idle_timeout_s, 1.0, 86400.0),
             max_duration_s=env.number("AVATAR_MAX_DURATION_S", defaults.max_duration_s, 1.0, 7 * 86400.0),
             max_upload_bytes=env.integer("AVATAR_MAX_UPLOAD_BYTES", defaults.max_upload_bytes, 1024, 1 << 30),
@@ -178,14 +184,14 @@ class _Env:
             raise SettingsError(f"{name} must be an integer in [{low}, {high}], got {value}")
         return value
 
-    def number(self, name: str, default: float, low: float, high: float) -> float:
+    def number(self, name: str, default: float, low: float, high: float, unit: str = "seconds") -> float:
         raw = self._raw(name)
         if raw is None:
             return default
         try:
             value = float(raw)
         except ValueError:
-            raise SettingsError(f"{name} must be a number of seconds in [{low:g}, {high:g}], got {raw!r}") from None
+            raise SettingsError(f"{name} must be a number of {unit} in [{low:g}, {high:g}], got {raw!r}") from None
         if not low <= value <= high:
-            raise SettingsError(f"{name} must be a number of seconds in [{low:g}, {high:g}], got {raw}")
+            raise SettingsError(f"{name} must be a number of {unit} in [{low:g}, {high:g}], got {raw}")
         return value

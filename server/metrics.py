@@ -23,6 +23,9 @@ class ServerMetrics:
     down to the media tracks). ``rtf`` gauge: the highest real-time factor
     (generation time / media time) among live sessions, 0 with none.
     ``dropped_frames`` counter: generated frames discarded by truncations.
+    ``session_cores`` gauge: the CPU cores load admission counts one session at;
+    ``free_sessions`` gauge: how many more sessions the CPU can carry by its rule
+    (whether or not it refuses sessions), for routing sessions across servers.
     """
 
     CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -50,6 +53,13 @@ class ServerMetrics:
         )
         self.rtf = Gauge(
             "avatar_rtf", "Highest real-time factor of generation among live sessions", registry=self.registry
+        )
+        self.session_cores = Gauge(
+            "avatar_session_cpu_cores", "CPU cores load admission counts one session at", registry=self.registry
+        )
+        self.free_sessions = Gauge(
+            "avatar_free_sessions", "More sessions the CPU can carry, by load admission's rule",
+            registry=self.registry,
         )
         self.dropped_frames = Counter(
             "avatar_dropped_frames", "Generated frames discarded before display", registry=self.registry

@@ -2,12 +2,14 @@
 
 A ``LiveSession`` owns one ``AvatarSession`` (the frame stream), at most one
 media peer (WebRTC, attached by the offer route) and the WebSocket connections
-attached to it. ``SessionManager`` creates sessions up to ``max_sessions`` and
+attached to it. ``SessionManager`` creates sessions up to ``max_sessions``, and
+while load admission (``server.load``) finds the CPU can carry one more, and
 ends them on DELETE, idle timeout (no WebSocket and no connected peer for
 ``idle_timeout_s``), ``max_duration_s``, the peer's failure, and shutdown. A
 reaper pass (``reap``, run every REAP_INTERVAL_S by ``run_reaper``) applies the
 timeouts, refreshes the store records and updates the session metrics; its
-clock is injectable so tests drive it without waiting.
+clock is injectable so tests drive it without waiting. Each pass also feeds load
+admission a CPU reading.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from avatar.generator_process import ProcessGenerator, limit_math_threads, start
 from avatar.session import AvatarSession
 from model.base import Generator, MotionSettings, PreparedPortrait
 from server.config import Settings
+from server.load import LoadAdmission
 from server.metrics import ServerMetrics
 from server.store import SessionStore, StoreUnavailable
 
@@ -42,7 +45,12 @@ RETRY_AFTER_S = 10
 
 
 class SessionLimitReached(RuntimeError):
-    """All ``max_sessions`` slots are taken."""
+    """No session may start now: ``code`` ``too_many_sessions`` (all
+    ``max_sessions`` slots are taken) or ``cpu_busy`` (load admission refused)."""
+
+    def __init__(self, message: str, code: str = "too_many_sessions") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class PeerConflict(RuntimeError):
@@ -242,7 +250,10 @@ class SessionManager:
     ``generator_factory``: a new Generator per session (generators keep
     per-portrait render caches, so sessions do not share one);
     ``clock_factory``: the pacing clock of each AvatarSession (SystemClock live,
-    VirtualClock in fast tests); ``monotonic``: seconds for timeouts (injectable).
+    VirtualClock in fast tests); ``monotonic``: seconds for timeouts (injectable);
+    ``admission``: load admission, fed by the reaper and shown in the metrics;
+    it refuses sessions when ``settings.admit_by_load`` says so (None: no
+    measurement, only ``max_sessions`` limits).
     """
 
     def __init__(
@@ -254,8 +265,10 @@ class SessionManager:
         generator_factory: Callable[[], Generator],
         clock_factory: Callable[[], Clock],
         monotonic: Callable[[], float] = time.monotonic,
+        admission: LoadAdmission | None = None,
     ) -> None:
         self._settings = settings
+        self._admission = admission
         self._store = store
         self._metrics = metrics
         self._generator_factory = generator_factory
@@ -286,11 +299,19 @@ class SessionManager:
         return self._sessions.get(session_id)
 
     def check_capacity(self) -> None:
-        """Raise SessionLimitReached when no session slot is free."""
-        if len(self._sessions) + self._reserved >= self._settings.max_sessions:
+        """Raise SessionLimitReached when no session slot is free or the CPU
+        cannot carry one more session."""
+        sessions = len(self._sessions) + self._reserved
+        if sessions >= self._settings.max_sessions:
             raise SessionLimitReached(
                 f"the server already runs its maximum of {self._settings.max_sessions} sessions; try again later"
             )
+        if self._admission is None or not self._settings.admit_by_load:
+            return
+        refusal = self._admission.refusal(sessions)
+        if refusal is not None:
+            logger.info("session refused: %s", refusal)
+            raise SessionLimitReached(refusal, "cpu_busy")
 
     async def create(
         self, prepared: PreparedPortrait, *, portrait_id: str, motion: MotionSettings, fps: float
@@ -389,6 +410,12 @@ class SessionManager:
         await self._refresh_records(now)
         rtfs = [stats["rtf"] for stats in (live.update_metrics() for live in self._sessions.values())]
         self._metrics.rtf.set(max((r for r in rtfs if r is not None), default=0.0))
+        if self._admission is not None:
+            # Reading /proc takes milliseconds: off the loop that paces media.
+            reading = await asyncio.to_thread(self._admission.meter.read, now)
+            self._admission.observe(reading, len(self._sessions))
+            self._metrics.session_cores.set(self._admission.session_cores)
+            self._metrics.free_sessions.set(self._admission.free_sessions(len(self._sessions)))
         return ended
 
     async def _refresh_records(self, now: float) -> None:

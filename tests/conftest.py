@@ -141,13 +141,14 @@ def server_generators():
 @pytest.fixture
 def server_settings(tmp_path):
     """Settings for a test server: ``server_settings(**overrides)`` (ICE pinned to
-    loopback; generators in the server's process, where the recording fake can count)."""
+    loopback; generators in the server's process, where the recording fake can count;
+    no load admission, whose input, the machine's load, tests do not control)."""
     import dataclasses
 
     from server.config import Settings
 
     def make(**overrides):
-        return dataclasses.replace(Settings(ice_host_addresses=("127.0.0.1",), generator_processes=False), **overrides)
+        return dataclasses.replace(Settings(ice_host_addresses=("127.0.0.1",), generator_processes=False, admit_by_load=False), **overrides)
 
     return make
 

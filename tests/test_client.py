@@ -42,7 +42,7 @@ SILENT_PEAK = 200
 async def media_app_url(media_loopback_ice):
     """Base URL of the server app (real CpuAnimator, in-process store, ICE host
     candidates 127.0.0.1) running in uvicorn inside this module's event loop."""
-    app = create_app(Settings(ice_host_addresses=("127.0.0.1",), max_sessions=3))
+    app = create_app(Settings(ice_host_addresses=("127.0.0.1",), max_sessions=3, admit_by_load=False))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     sock.listen(16)

@@ -24,6 +24,7 @@ from avatar.clock import VirtualClock
 from avatar.frames import AudioChunk
 from server.app import create_app
 from server.config import DEFAULT_PORTRAIT, Settings, SettingsError
+from server.load import CpuMeter, CpuReading
 
 ERROR_KEYS = {"code", "message"}
 
@@ -79,7 +80,8 @@ def bearer(token: str) -> dict:
 @pytest.fixture
 def app_with(server_settings, server_generators):
     """``app_with(**settings_overrides, **create_app_kwargs)``: an app on the recording generator."""
-    app_kwargs = ("clock_factory", "store_factory", "tts", "monotonic", "reaper_interval_s", "generator_factory")
+    app_kwargs = ("clock_factory", "store_factory", "tts", "monotonic", "reaper_interval_s", "generator_factory",
+                  "cpu_meter")
 
     def make(**overrides):
         kwargs = {k: overrides.pop(k) for k in app_kwargs if k in overrides}
@@ -239,12 +241,62 @@ async def test_session_limit_answers_503_with_retry_after(app_with, server_runni
         assert (await srv.http.post("/v1/sessions", json={})).status_code == 201
 
 
-def test_session_limit_defaults_to_one_per_usable_core_and_the_environment_sets_it():
+def test_session_limits_default_to_load_admission_under_a_cap_of_four_per_core():
     cores = len(os.sched_getaffinity(0))
-    assert Settings().max_sessions == Settings.from_env({}).max_sessions == cores
-    assert Settings.from_env({"AVATAR_MAX_SESSIONS": "7"}).max_sessions == 7
+    assert Settings().max_sessions == Settings.from_env({}).max_sessions == 4 * cores
+    assert Settings().admit_by_load and Settings().cpu_headroom == 0.3
+    env = Settings.from_env({"AVATAR_MAX_SESSIONS": "7", "AVATAR_ADMIT_BY_LOAD": "0", "AVATAR_CPU_HEADROOM": "0.5"})
+    assert (env.max_sessions, env.admit_by_load, env.cpu_headroom) == (7, False, 0.5)
     with pytest.raises(SettingsError, match="AVATAR_MAX_SESSIONS"):
         Settings.from_env({"AVATAR_MAX_SESSIONS": "0"})
+    with pytest.raises(SettingsError, match="AVATAR_CPU_HEADROOM must be a number of cores"):
+        Settings.from_env({"AVATAR_CPU_HEADROOM": "-1"})
+
+
+class ScriptedCpu(CpuMeter):
+    """A CpuMeter on a 2-core machine whose load the test sets: this server uses
+    ``server_rate`` cores and other processes ``other_rate``, from time 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cores = 2.0
+        self.server_rate = self.other_rate = 0.0
+        self._last: CpuReading | None = None
+
+    def read(self, at: float) -> CpuReading:
+        last = self._last or CpuReading(at, 0.0, 0.0)
+        seconds = at - last.at
+        self._last = CpuReading(at, last.busy + (self.server_rate + self.other_rate) * seconds,
+                                last.server + self.server_rate * seconds)
+        return self._last
+
+
+async def test_load_admission_refuses_the_session_the_cpu_cannot_carry(app_with, server_running):
+    clock, cpu = FakeMonotonic(), ScriptedCpu()
+    app = app_with(admit_by_load=True, monotonic=clock, cpu_meter=cpu, reaper_interval_s=3600)
+
+    async def load_for(seconds: int) -> None:
+        for _ in range(seconds):
+            clock.now += 1
+            await srv.manager.reap()
+
+    async with server_running(app) as srv:
+        first = await new_session(srv)
+        cpu.server_rate, cpu.other_rate = 0.6, 0.3  # a session costs 0.6 core here; 0.3 core of other work
+        await load_for(8)
+        # 0.3 other + 2 x 0.6 + 0.3 headroom <= 2 cores: a second session fits.
+        second = await new_session(srv)
+        cpu.server_rate = 1.2
+        await load_for(8)
+        refused = await srv.http.post("/v1/sessions", json={})
+        assert refused.status_code == 503 and int(refused.headers["Retry-After"]) > 0
+        error = error_of(refused)
+        assert error["code"] == "cpu_busy" and "2 session(s) at about 0.60 core" in error["message"]
+        metrics = (await srv.http.get("/metrics")).text
+        assert "avatar_free_sessions 0.0" in metrics and "avatar_session_cpu_cores 0.6" in metrics
+        await srv.http.delete(f"/v1/sessions/{second['session_id']}", headers=bearer(second["token"]))
+        assert (await srv.http.post("/v1/sessions", json={})).status_code == 201
+        assert srv.manager.get(first["session_id"]) is not None
 
 
 async def test_api_key_guards_uploads_and_session_creation(app_with, server_running):
