@@ -65,12 +65,24 @@ async def speak(client: AvatarClient, pcm: np.ndarray) -> None:
     await client.speech_end()
 
 
+async def create_session_when_free(client: AvatarClient, portrait_id: str | None, fps: float, tries: int = 3):
+    """Create the session; a busy server (503) is asked again after its Retry-After."""
+    for attempt in range(1, tries + 1):
+        try:
+            return await client.create_session(portrait_id=portrait_id, fps=fps)
+        except AvatarClientError as exc:
+            if exc.retry_after_s is None or attempt == tries:
+                raise
+            print(f"server busy ({exc.code}); trying again in {exc.retry_after_s:g} s")
+            await asyncio.sleep(exc.retry_after_s)
+
+
 async def agent(args, server_url: str) -> None:
     speech = tts_audio(args.speech)
     duration = len(speech) / TTS_RATE
     async with AvatarClient(server_url, api_key=args.api_key) as client:
         portrait_id = await client.upload_portrait(args.portrait) if args.portrait else None
-        info = await client.create_session(portrait_id=portrait_id, fps=args.fps)
+        info = await create_session_when_free(client, portrait_id, args.fps)
         print(f"session {info.session_id[:8]} on {'an uploaded' if portrait_id else 'the bundled'} portrait")
         await client.record(args.out)
         events = client.events()

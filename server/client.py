@@ -57,13 +57,16 @@ HELD_AUDIO_FRAMES = 100
 
 class AvatarClientError(Exception):
     """The server refused a request. ``status``: HTTP status (0 when no answer);
-    ``code``: the server's short error code; ``message``: its sentence."""
+    ``code``: the server's short error code; ``message``: its sentence;
+    ``retry_after_s``: seconds the server asked to wait before trying again
+    (Retry-After of a 503: ``too_many_sessions``, ``cpu_busy``), else None."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(f"{status} {code}: {message}" if status else f"{code}: {message}")
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)
@@ -349,7 +352,9 @@ class AvatarClient:
                 code, message = error["code"], error["message"]
             except (ValueError, KeyError, TypeError):
                 pass  # not the server's JSON error body (a proxy's page): keep the text
-            raise AvatarClientError(response.status_code, code, message)
+            retry_after = response.headers.get("Retry-After", "")
+            raise AvatarClientError(response.status_code, code, message,
+                                    float(retry_after) if retry_after.isdigit() else None)
         return response
 
     def _session_headers(self) -> dict[str, str]:

@@ -217,6 +217,17 @@ async def test_server_errors_become_clear_exceptions(media_app_url):
         assert caught.value.status == 422 and "fps" in caught.value.message
         with pytest.raises(RuntimeError, match="create_session"):
             await client.connect()
+    held = [AvatarClient(media_app_url) for _ in range(3)]  # the server's max_sessions
+    try:
+        for other in held:
+            await other.create_session()
+        async with AvatarClient(media_app_url) as client:
+            with pytest.raises(AvatarClientError) as caught:
+                await client.create_session()
+        assert caught.value.code == "too_many_sessions" and caught.value.retry_after_s > 0
+    finally:
+        for other in held:
+            await other.close()
 
 
 async def test_pcm_is_checked_before_sending_and_events_answer_control_messages(media_app_url):
