@@ -130,6 +130,13 @@ def _configure_fork_server(preload: Sequence[str]) -> multiprocessing.context.Ba
     return context
 
 
+def factory_module(factory: Callable[..., Any]) -> str:
+    """The module a fork server must import for ``factory`` to run in its
+    workers: the factory's own (a Generator class, a partial of one)."""
+    target = getattr(factory, "func", factory)  # a functools.partial names its function's module
+    return getattr(target, "__module__", None) or __name__
+
+
 def start_fork_server(generator_module: str) -> None:
     """Start the fork server now (blocking: it imports the main module and
     ``generator_module``, a second or more), so the first session's worker does

@@ -68,6 +68,7 @@ from model.face_mesh import FaceTracker, mouth_aperture  # noqa: E402
 from server.app import create_app  # noqa: E402
 from server.client import AvatarClient, pcm16_bytes  # noqa: E402
 from server.config import Settings  # noqa: E402
+from server.load import cpu_seconds  # noqa: E402
 from server.webrtc import pin_ice_host_addresses  # noqa: E402
 
 SPEECH = [Path("/work/shared/data/speech/librivox_0870.wav"), Path("/work/shared/data/speech/librivox_0880.wav")]
@@ -386,12 +387,11 @@ def counting_video_receivers():
 
 
 def _cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of process ``pid`` (all its threads), seconds; None when gone."""
+    """User + system CPU seconds of process ``pid``; None when gone."""
     try:
-        times = psutil.Process(pid).cpu_times()
+        return cpu_seconds(psutil.Process(pid))
     except psutil.Error:
         return None
-    return times.user + times.system
 
 
 def _descendants(process: psutil.Process) -> set[int]:

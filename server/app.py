@@ -29,10 +29,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from avatar.clock import Clock, SystemClock
-from avatar.generator_process import preparation_executor
+from avatar.generator_process import factory_module, preparation_executor
 from model.animator import CpuAnimator
 from model.base import Generator, MotionSettings
 from server.config import REPO_ROOT, Settings, SettingsError
+from server.load import CpuMeter, LoadAdmission
 from server.metrics import ServerMetrics
 from server.portraits import PortraitCache, PortraitRejected, UploadTooLarge, read_image_field
 from server.schemas import (
@@ -52,7 +53,6 @@ from server.sessions import (
     SessionLimitReached,
     SessionManager,
 )
-from server.load import CpuMeter, LoadAdmission
 from server.store import MemoryStore, RedisStore, SessionStore, StoreUnavailable
 from server.tts import EspeakTts
 from server.ws import serve_events
@@ -142,8 +142,9 @@ def create_app(
     default RedisStore when ``settings.redis_url`` is set, else MemoryStore;
     ``tts``: default espeak-ng found on PATH; ``monotonic``: seconds for
     timeouts, rate limits and the memory store's TTLs (injectable for tests);
-    ``cpu_meter``: what load admission reads (default CpuMeter()). Raises SettingsError when the default portrait file is missing, WeightsError
-    (an OSError) for incomplete FantasyTalking weights.
+    ``cpu_meter``: what load admission reads (default CpuMeter()). Raises
+    SettingsError when the default portrait file is missing, WeightsError (an
+    OSError) for incomplete FantasyTalking weights.
     """
     settings = settings or Settings.from_env()
     if not settings.default_portrait.is_file():
@@ -162,7 +163,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = make_store(settings)
         if settings.generator_processes:
-            executor = preparation_executor(getattr(generator_factory, "__module__", None) or __name__)
+            executor = preparation_executor(factory_module(generator_factory))
         else:
             executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="portrait-prepare")
         manager = SessionManager(

@@ -119,19 +119,11 @@ class CpuMeter:
         return sum(_busy_seconds(per_cpu[i]) for i in cpus)
 
     def _server(self) -> float:
-        total = 0.0
-        processes = [self._process]
         try:
-            processes += self._process.children(recursive=True)
+            processes = [self._process, *self._process.children(recursive=True)]
         except psutil.Error:
-            pass
-        for process in processes:
-            try:
-                times = process.cpu_times()
-            except psutil.Error:  # a worker that just ended
-                continue
-            total += times.user + times.system
-        return total
+            processes = [self._process]
+        return sum(filter(None, map(cpu_seconds, processes)))
 
     def read(self, at: float) -> CpuReading:
         """A reading stamped ``at`` (the caller's monotonic seconds). Reads /proc
@@ -139,9 +131,20 @@ class CpuMeter:
         return CpuReading(at, self._busy(), self._server())
 
 
+def cpu_seconds(process: psutil.Process) -> float | None:
+    """User + system CPU seconds of ``process`` (all its threads); None once it has ended."""
+    try:
+        times = process.cpu_times()
+    except psutil.Error:
+        return None
+    return times.user + times.system
+
+
 def _busy_seconds(times) -> float:
-    # Idle and waiting on I/O are the only states in which a CPU could take more work.
-    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+    # Idle and waiting on I/O are the only states in which a CPU could take more
+    # work; guest time is already counted in user time on Linux.
+    not_busy = times.idle + sum(getattr(times, name, 0.0) for name in ("iowait", "guest", "guest_nice"))
+    return sum(times) - not_busy
 
 
 class LoadAdmission:

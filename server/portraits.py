@@ -146,7 +146,8 @@ class PortraitCache:
 
     ``executor``: where decoding and ``generator.prepare`` run (default: the
     loop's default thread pool; a process pool needs a picklable generator).
-    Concurrent requests for the same portrait share one preparation. Store failures propagate as StoreUnavailable.
+    Concurrent requests for the same portrait share one preparation. Store
+    failures propagate as StoreUnavailable.
     """
 
     def __init__(

@@ -22,10 +22,9 @@ import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
-
 from avatar.clock import Clock
 from avatar.frames import PlaybackStarted, SessionState, StateChanged
-from avatar.generator_process import ProcessGenerator, limit_math_threads, start_fork_server
+from avatar.generator_process import ProcessGenerator, factory_module, limit_math_threads, start_fork_server
 from avatar.session import AvatarSession
 from model.base import Generator, MotionSettings, PreparedPortrait
 from server.config import Settings
@@ -280,9 +279,8 @@ class SessionManager:
         limit_math_threads()
         self._store_warned = False
         if settings.generator_processes:
-            generator_module = getattr(generator_factory, "__module__", None) or __name__
-            threading.Thread(target=start_fork_server, args=(generator_module,), name="fork-server-start",
-                             daemon=True).start()
+            threading.Thread(target=start_fork_server, args=(factory_module(generator_factory),),
+                             name="fork-server-start", daemon=True).start()
 
     def _new_generator(self) -> Generator:
         """A session's generator: in a worker process when the settings say so
